@@ -1,0 +1,1 @@
+"""Throughput and memory benchmarks: OpenELM against OLMo and against mlx-lm."""

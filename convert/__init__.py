@@ -1,0 +1,1 @@
+"""PyTorch OpenELM checkpoints (Hugging Face layout, CoreNet .pt) to MLX model directories."""

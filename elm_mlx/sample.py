@@ -1,0 +1,103 @@
+"""Turning logits into the next token.
+
+Order of operations (the same as llama.cpp and mlx-lm):
+  1. logits processors (repetition penalty) on the raw logits;
+  2. log-softmax;
+  3. filters on the *untempered* distribution: top-k, then top-p, then min-p,
+     each setting excluded tokens to -inf;
+  4. temperature 0 picks the argmax, otherwise sample from softmax(logprobs / temp).
+All functions take (batch, vocab) arrays.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Callable, List
+
+import mlx.core as mx
+
+from .errors import ElmError
+
+Sampler = Callable[[mx.array], mx.array]
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temp: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 0
+    min_p: float = 0.05
+    repetition_penalty: float = 1.0
+    repetition_context_size: int = 64
+
+    def __post_init__(self):
+        checks = [
+            (self.temp >= 0 and math.isfinite(self.temp), f"temp must be >= 0, got {self.temp}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.top_k >= 0, f"top_k must be >= 0 (0 disables it), got {self.top_k}"),
+            (0 <= self.min_p < 1, f"min_p must be in [0, 1), got {self.min_p}"),
+            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (self.repetition_context_size >= 1, f"repetition_context_size must be >= 1, got {self.repetition_context_size}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ElmError(message)
+
+
+def apply_top_k(logprobs: mx.array, k: int) -> mx.array:
+    """Keep the k most likely tokens."""
+    if k <= 0 or k >= logprobs.shape[-1]:
+        return logprobs
+    dropped = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[..., k:]
+    return mx.put_along_axis(logprobs, dropped, mx.array(-mx.inf, logprobs.dtype), axis=-1)
+
+
+def apply_top_p(logprobs: mx.array, top_p: float) -> mx.array:
+    """Keep the smallest set of most likely tokens whose probabilities sum to at least top_p."""
+    if top_p >= 1.0:
+        return logprobs
+    order = mx.argsort(-logprobs, axis=-1)
+    sorted_probs = mx.exp(mx.take_along_axis(logprobs, order, axis=-1))
+    mass_before = mx.cumsum(sorted_probs, axis=-1) - sorted_probs
+    keep_sorted = mass_before < top_p  # the most likely token always has mass_before 0
+    keep = mx.put_along_axis(mx.zeros(logprobs.shape, mx.bool_), order, keep_sorted, axis=-1)
+    return mx.where(keep, logprobs, -mx.inf)
+
+
+def apply_min_p(logprobs: mx.array, min_p: float) -> mx.array:
+    """Keep tokens at least min_p times as likely as the most likely one."""
+    if min_p <= 0.0:
+        return logprobs
+    threshold = logprobs.max(axis=-1, keepdims=True) + math.log(min_p)
+    return mx.where(logprobs >= threshold, logprobs, -mx.inf)
+
+
+def make_sampler(params: SamplingParams) -> Sampler:
+    """A function from log-probabilities (batch, vocab) to token ids (batch,)."""
+    if params.temp == 0:
+        return lambda logprobs: mx.argmax(logprobs, axis=-1)
+
+    def sample(logprobs: mx.array) -> mx.array:
+        logprobs = apply_top_k(logprobs, params.top_k)
+        logprobs = apply_top_p(logprobs, params.top_p)
+        logprobs = apply_min_p(logprobs, params.min_p)
+        return mx.random.categorical(logprobs * (1 / params.temp), axis=-1)
+
+    return sample
+
+
+def apply_repetition_penalty(logits: mx.array, tokens: mx.array, penalty: float) -> mx.array:
+    """Make already-seen tokens less likely: positive logits divided by, negative ones multiplied by, the penalty."""
+    if tokens.size == 0:
+        return logits
+    seen = logits[:, tokens]
+    logits[:, tokens] = mx.where(seen > 0, seen / penalty, seen * penalty)
+    return logits
+
+
+def make_logits_processors(params: SamplingParams) -> List[LogitsProcessor]:
+    """Processors called as processor(token_history, logits) before sampling."""
+    if params.repetition_penalty == 1.0:
+        return []
+    size, penalty = params.repetition_context_size, params.repetition_penalty
+    return [lambda tokens, logits: apply_repetition_penalty(logits, tokens[-size:], penalty)]

@@ -1,0 +1,109 @@
+"""Fixtures: tiny OpenELM configs, model directories and tokenizers made by the tests themselves."""
+
+import io
+import json
+import random
+from pathlib import Path
+
+import elm_mlx  # noqa: F401  (first, so the BLAS choice happens before mlx is imported)
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+LLAMA_TOKENIZER = SHARED / "assets" / "llama2-tokenizer.model"
+REFERENCE_CONFIGS = SHARED / "reference" / "configs"
+
+
+def need_shared(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} is absent (../shared is only beside the project's own checkouts)")
+    return path
+
+
+TINY_VOCAB = 384
+
+
+def tiny_config(**overrides) -> dict:
+    """Four layers that differ in query heads, kv heads and FFN width; GQA ratio 4; q/k norm on."""
+    config = {
+        "model_type": "openelm",
+        "vocab_size": TINY_VOCAB,
+        "model_dim": 64,
+        "head_dim": 16,
+        "num_transformer_layers": 4,
+        "num_query_heads": [4, 4, 8, 8],
+        "num_kv_heads": [1, 1, 2, 2],
+        "ffn_multipliers": [0.5, 1.0, 1.5, 2.0],
+        "ffn_dim_divisor": 32,
+        "num_gqa_groups": 4,
+        "qkv_multipliers": [0.5, 1.0],
+        "ffn_with_glu": True,
+        "normalize_qk_projections": True,
+        "share_input_output_layers": True,
+        "rope_freq_constant": 10000,
+        "rope_max_length": 4096,
+        "max_context_length": 2048,
+        "activation_fn_name": "swish",
+        "normalization_layer_name": "rms_norm",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    config.update(overrides)
+    return config
+
+
+def random_weights(config: dict, seed: int = 0) -> dict:
+    """Random float32 weights for every parameter of the config's model (norm gains near 1)."""
+    from elm_mlx.load import build_model
+
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for name, p in tree_flatten(build_model(config).parameters()):
+        if name.endswith("norm.weight"):
+            value = 1.0 + 0.2 * rng.standard_normal(p.shape)
+        else:
+            value = rng.standard_normal(p.shape) * (0.5 if "embeddings" in name else 0.08)
+        weights[name] = mx.array(value.astype(np.float32))
+    return weights
+
+
+def write_model_dir(path: Path, config: dict, weights: dict, tokenizer_model: bytes = None) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    mx.save_safetensors(str(path / "model.safetensors"), weights)
+    if tokenizer_model is not None:
+        (path / "tokenizer.model").write_bytes(tokenizer_model)
+    return path
+
+
+def _training_text(lines: int = 3000) -> list:
+    rng = random.Random(0)
+    words = "the king queen lord lady speak now thou art my good friend sir come hither night day love war".split()
+    extras = ["café", "naïve", "über", "日本語", "🙂", "ünïcödé"]
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) + (" " + rng.choice(extras) if i % 7 == 0 else "") for i in range(lines)]
+
+
+@pytest.fixture(scope="session")
+def tiny_sp_model() -> bytes:
+    """A SentencePiece BPE model with byte fallback, trained here (no download, no ../shared)."""
+    import sentencepiece as spm
+
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_training_text()),
+        model_writer=out,
+        vocab_size=TINY_VOCAB,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=0.9995,
+        minloglevel=2,
+    )
+    return out.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_sp_model) -> Path:
+    config = tiny_config()
+    return write_model_dir(tmp_path_factory.mktemp("tiny") / "OpenELM-tiny", config, random_weights(config), tiny_sp_model)
