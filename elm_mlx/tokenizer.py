@@ -94,7 +94,11 @@ class Tokenizer:
         return self._build_token_bytes()
 
     def encode(self, text: str, add_bos: Optional[bool] = None, parse_special: bool = True) -> List[int]:
-        """Text to ids. With parse_special, strings like "</s>" become their special token."""
+        """Text to ids. With parse_special, strings like "</s>" become their special token.
+
+        Text between special tokens is encoded piece by piece, each piece as
+        sentencepiece encodes a whole text (the Llama-2 "legacy" behaviour).
+        """
         add_bos = self.add_bos if add_bos is None else add_bos
         ids: List[int] = []
         if parse_special and self.special_tokens:

@@ -98,6 +98,9 @@ def tiny_sp_model() -> bytes:
         model_type="bpe",
         byte_fallback=True,
         character_coverage=0.9995,
+        # Like Llama-2's: keep newlines and repeated spaces as they are.
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
         minloglevel=2,
     )
     return out.getvalue()
