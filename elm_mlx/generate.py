@@ -1,204 +1,18 @@
-"""Text generation: the token loop, streaming text with stats, and the CLI.
+"""Generate text from the command line.
 
-    python -m elm_mlx.generate --model DIR_OR_REPO --prompt "Once upon a time"
+python -m elm_mlx.generate --model DIR_OR_REPO --prompt "Once upon a time"
 """
 
 import argparse
 import sys
-import time
-from dataclasses import dataclass
-from typing import Generator, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional
 
-import mlx.core as mx
-import mlx.nn as nn
-
-from .cache import make_cache
+from .cli import ArgumentParser, run_cli
 from .errors import ElmError
-from .sample import LogitsProcessor, Sampler, SamplingParams, make_logits_processors, make_sampler
+from .generation import check_request, format_stats, stream_generate
+from .load import load
+from .sample import SamplingParams
 from .tokenizer import Tokenizer
-
-
-def generate_step(
-    prompt: Sequence[int],
-    model: nn.Module,
-    sampler: Sampler,
-    logits_processors: Sequence[LogitsProcessor] = (),
-    prefill_step_size: int = 512,
-    cache: Optional[list] = None,
-) -> Iterator[Tuple[int, mx.array]]:
-    """Yield (token id, log-probabilities) forever; the caller decides when to stop.
-
-    The prompt is prefilled in chunks of `prefill_step_size` tokens, so a long
-    prompt never builds one huge attention graph. While the caller handles
-    token n, token n+1 is already being computed (mx.async_eval).
-    """
-    cache = cache if cache is not None else make_cache(model)
-    tokens = mx.array(prompt, dtype=mx.uint32)
-    history = tokens  # only consulted by logits processors
-
-    def step(inputs: mx.array) -> Tuple[mx.array, mx.array]:
-        nonlocal history
-        logits = model(inputs[None], cache=cache)[:, -1, :]
-        if logits_processors:
-            for processor in logits_processors:
-                logits = processor(history, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        token = sampler(logprobs)
-        if logits_processors:
-            history = mx.concatenate([history, token.astype(mx.uint32)])
-        return token, logprobs.squeeze(0)
-
-    while tokens.size > 1:
-        n = min(prefill_step_size, tokens.size - 1)
-        model(tokens[:n][None], cache=cache)
-        mx.eval([c.state for c in cache])
-        tokens = tokens[n:]
-
-    token, logprobs = step(tokens)
-    mx.async_eval(token, logprobs)
-    while True:
-        next_token, next_logprobs = step(token)
-        mx.async_eval(next_token, next_logprobs)
-        yield token.item(), logprobs
-        token, logprobs = next_token, next_logprobs
-
-
-@dataclass
-class GenerationResponse:
-    """One streamed piece of output with the running statistics.
-
-    Every generated token yields one response (its `text` may be empty while a
-    multi-byte character or a possible stop string is pending). A last
-    response with token None carries any remaining text and `finish_reason`:
-    "stop" (end-of-sequence token or stop string) or "length" (max_tokens).
-    """
-
-    text: str
-    token: Optional[int]
-    logprobs: Optional[mx.array]
-    prompt_tokens: int
-    prompt_tps: float
-    generation_tokens: int
-    generation_tps: float
-    peak_memory_gb: float
-    finish_reason: Optional[str] = None
-
-
-def check_request(prompt: Union[str, Sequence[int]], max_tokens: int) -> None:
-    if not (prompt.strip() if isinstance(prompt, str) else len(prompt)):
-        raise ElmError("the prompt is empty")
-    if max_tokens < 1:
-        raise ElmError(f"max_tokens must be >= 1, got {max_tokens}")
-
-
-def _held_back(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest suffix of `text` that could still grow into a stop string."""
-    longest = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), longest, -1):
-            if stop.startswith(text[-n:]):
-                longest = n
-                break
-    return longest
-
-
-def stream_generate(
-    model: nn.Module,
-    tokenizer: Tokenizer,
-    prompt: Union[str, Sequence[int]],
-    max_tokens: int = 256,
-    sampling: Optional[SamplingParams] = None,
-    stop: Sequence[str] = (),
-    seed: Optional[int] = None,
-    prefill_step_size: int = 512,
-) -> Generator[GenerationResponse, None, None]:
-    """Generate from a prompt (text, or token ids), yielding text as it is produced."""
-    sampling = sampling or SamplingParams()
-    check_request(prompt, max_tokens)
-    prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    stop = [s for s in stop if s]
-    if seed is not None:
-        mx.random.seed(seed)
-
-    detokenizer = tokenizer.detokenizer(trim_leading_space=False)
-    steps = generate_step(prompt_ids, model, make_sampler(sampling), make_logits_processors(sampling), prefill_step_size)
-    mx.reset_peak_memory()
-    start = time.perf_counter()
-    first_token_time = None
-    pending = ""  # decoded text not yet handed out (it may start a stop string)
-    finish_reason = "length"
-    n = 0
-
-    def response(text, token=None, logprobs=None, finish=None) -> GenerationResponse:
-        now = time.perf_counter()
-        prefill = (first_token_time or now) - start
-        decode = now - first_token_time if first_token_time else 0.0
-        return GenerationResponse(
-            text=text,
-            token=token,
-            logprobs=logprobs,
-            prompt_tokens=len(prompt_ids),
-            prompt_tps=len(prompt_ids) / prefill if prefill > 0 else 0.0,
-            generation_tokens=n,
-            # The first token comes out of the prefill; decode speed counts the rest.
-            generation_tps=(n - 1) / decode if n > 1 and decode > 0 else 0.0,
-            peak_memory_gb=mx.get_peak_memory() / 1e9,
-            finish_reason=finish,
-        )
-
-    for token, logprobs in steps:
-        if first_token_time is None:
-            first_token_time = time.perf_counter()
-        if token in tokenizer.eos_ids:
-            finish_reason = "stop"
-            break
-        n += 1
-        pending += detokenizer.add(token)
-        hit = min((i for i in (pending.find(s) for s in stop) if i >= 0), default=-1)
-        if hit >= 0:
-            yield response(pending[:hit], token, logprobs)
-            pending, finish_reason = "", "stop"
-            break
-        keep = _held_back(pending, stop) if stop else 0
-        text, pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
-        yield response(text, token, logprobs)
-        if n >= max_tokens:
-            break
-    steps.close()
-    yield response(pending + detokenizer.finalize(), finish=finish_reason)
-
-
-def generate(
-    model: nn.Module,
-    tokenizer: Tokenizer,
-    prompt: Union[str, Sequence[int]],
-    verbose: bool = False,
-    **kwargs,
-) -> str:
-    """Generate and return the whole text; with verbose, stream it to stdout and print stats."""
-    pieces: List[str] = []
-    last = None
-    for last in stream_generate(model, tokenizer, prompt, **kwargs):
-        pieces.append(last.text)
-        if verbose:
-            print(last.text, end="", flush=True)
-    if verbose:
-        print()
-        print(format_stats(last), file=sys.stderr)
-    return "".join(pieces)
-
-
-def format_stats(r: GenerationResponse) -> str:
-    return (
-        f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tok/s | "
-        f"generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tok/s | "
-        f"peak memory: {r.peak_memory_gb:.3f} GB"
-    )
-
-
-# --------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------
 
 
 def _looks_instruct(model_arg: str, tokenizer: Tokenizer) -> bool:
@@ -206,8 +20,6 @@ def _looks_instruct(model_arg: str, tokenizer: Tokenizer) -> bool:
 
 
 def build_parser():
-    from .cli import ArgumentParser
-
     defaults = SamplingParams()
     p = ArgumentParser(prog="python -m elm_mlx.generate", description="Generate text with an OpenELM model.")
     p.add_argument("--model", required=True, help="model directory or Hugging Face repo id (e.g. mlx-community/OpenELM-270M-Instruct)")
@@ -215,18 +27,42 @@ def build_parser():
     p.add_argument("--max-tokens", "-m", type=int, default=256, help="most tokens to generate (default: %(default)s)")
     p.add_argument("--temp", type=float, default=defaults.temp, help="sampling temperature, 0 for greedy (default: %(default)s)")
     p.add_argument("--top-p", type=float, default=defaults.top_p, help="nucleus sampling mass, 1 disables (default: %(default)s)")
-    p.add_argument("--top-k", type=int, default=defaults.top_k, help="sample among the k most likely tokens, 0 disables (default: %(default)s)")
-    p.add_argument("--min-p", type=float, default=defaults.min_p, help="drop tokens below min-p times the top probability, 0 disables (default: %(default)s)")
-    p.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty, help="penalty for recently seen tokens, 1 disables; Apple's samples use 1.2 (default: %(default)s)")
-    p.add_argument("--repetition-context-size", type=int, default=defaults.repetition_context_size, help="how many recent tokens the penalty looks at (default: %(default)s)")
+    p.add_argument(
+        "--top-k", type=int, default=defaults.top_k, help="sample among the k most likely tokens, 0 disables (default: %(default)s)"
+    )
+    p.add_argument(
+        "--min-p",
+        type=float,
+        default=defaults.min_p,
+        help="drop tokens below min-p times the top probability, 0 disables (default: %(default)s)",
+    )
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=defaults.repetition_penalty,
+        help="penalty for recently seen tokens, 1 disables; Apple's samples use 1.2 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--repetition-context-size",
+        type=int,
+        default=defaults.repetition_context_size,
+        help="how many recent tokens the penalty looks at (default: %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when this text is generated (repeatable)")
     chat = p.add_mutually_exclusive_group()
-    chat.add_argument("--chat", action="store_true", default=None, help="format the prompt as a user turn with the chat template (default for -Instruct models)")
+    chat.add_argument(
+        "--chat",
+        action="store_true",
+        default=None,
+        help="format the prompt as a user turn with the chat template (default for -Instruct models)",
+    )
     chat.add_argument("--no-chat", dest="chat", action="store_false", help="use the prompt as raw text even for -Instruct models")
     p.add_argument("--system", default=None, help="system message for chat formatting (implies --chat)")
     p.add_argument("--prefill-step-size", type=int, default=512, help="prompt tokens processed per step (default: %(default)s)")
-    p.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=True, help="print speed and memory stats to stderr (default: on)")
+    p.add_argument(
+        "--verbose", action=argparse.BooleanOptionalAction, default=True, help="print speed and memory stats to stderr (default: on)"
+    )
     return p
 
 
@@ -247,8 +83,6 @@ def main(argv: Optional[List[str]] = None) -> None:
         repetition_context_size=args.repetition_context_size,
     )
 
-    from .load import load
-
     model, tokenizer = load(args.model)
     use_chat = args.chat if args.chat is not None else (args.system is not None or _looks_instruct(args.model, tokenizer))
     if use_chat:
@@ -257,7 +91,14 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     last = None
     for last in stream_generate(
-        model, tokenizer, prompt, max_tokens=args.max_tokens, sampling=sampling, stop=args.stop, seed=args.seed, prefill_step_size=args.prefill_step_size
+        model,
+        tokenizer,
+        prompt,
+        max_tokens=args.max_tokens,
+        sampling=sampling,
+        stop=args.stop,
+        seed=args.seed,
+        prefill_step_size=args.prefill_step_size,
     ):
         sys.stdout.write(last.text)
         sys.stdout.flush()
@@ -267,6 +108,4 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    from .cli import run_cli
-
     run_cli(main)

@@ -5,11 +5,12 @@ import json
 import random
 from pathlib import Path
 
-import elm_mlx  # noqa: F401  (first, so the BLAS choice happens before mlx is imported)
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+
+import elm_mlx  # noqa: F401  (first, so the BLAS choice happens before mlx is imported)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 LLAMA_TOKENIZER = SHARED / "assets" / "llama2-tokenizer.model"
@@ -82,7 +83,10 @@ def _training_text(lines: int = 3000) -> list:
     rng = random.Random(0)
     words = "the king queen lord lady speak now thou art my good friend sir come hither night day love war".split()
     extras = ["café", "naïve", "über", "日本語", "🙂", "ünïcödé"]
-    return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) + (" " + rng.choice(extras) if i % 7 == 0 else "") for i in range(lines)]
+    return [
+        " ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) + (" " + rng.choice(extras) if i % 7 == 0 else "")
+        for i in range(lines)
+    ]
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from mlx_lm.models import openelm as mlx_lm_openelm
 
 from conftest import REFERENCE_CONFIGS, need_shared, random_weights, tiny_config
 from elm_mlx.cache import KVCache, make_cache
-from elm_mlx.generate import generate_step
+from elm_mlx.generation import generate_step
 from elm_mlx.load import build_model
 from elm_mlx.sample import SamplingParams, make_sampler
 

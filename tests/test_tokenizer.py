@@ -1,7 +1,6 @@
 """Tokenizers, the streaming detokenizer and chat formatting."""
 
 import json
-import shutil
 
 import pytest
 
@@ -127,7 +126,9 @@ def test_default_chat_template_is_zephyr_style(llama):
 
 def test_model_directory_can_override_the_chat_template(tmp_path, tiny_sp_model):
     (tmp_path / "tokenizer.model").write_bytes(tiny_sp_model)
-    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}"
+    template = (
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
     tokenizer = load_tokenizer(tmp_path)
     assert tokenizer.template_from_model and tokenizer.chat_template != DEFAULT_CHAT_TEMPLATE
