@@ -15,6 +15,11 @@ from .sample import SamplingParams
 from .tokenizer import Tokenizer
 
 
+def _unescape(text: str) -> str:
+    """Shells pass "\\n" literally; in a stop string it almost always means a newline."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
 def _looks_instruct(model_arg: str, tokenizer: Tokenizer) -> bool:
     return "instruct" in model_arg.lower() or tokenizer.template_from_model
 
@@ -49,7 +54,13 @@ def build_parser():
         help="how many recent tokens the penalty looks at (default: %(default)s)",
     )
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when this text is generated (repeatable)")
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop when this text is generated (repeatable; \\n and \\t are understood)",
+    )
     chat = p.add_mutually_exclusive_group()
     chat.add_argument(
         "--chat",
@@ -96,7 +107,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         prompt,
         max_tokens=args.max_tokens,
         sampling=sampling,
-        stop=args.stop,
+        stop=[_unescape(s) for s in args.stop],
         seed=args.seed,
         prefill_step_size=args.prefill_step_size,
     ):

@@ -77,3 +77,10 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(tmp_path, tiny_model_dir, make
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert result.stdout == ""
+
+
+def test_stop_option_cuts_the_output(tiny_model_dir):
+    args = ("--model", str(tiny_model_dir), "--prompt", "the king", "--max-tokens", "30", "--temp", "0", "--no-verbose")
+    full = cli(*args).stdout[:-1]  # the CLI ends its output with a newline
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    assert cli(*args, "--stop", stop).stdout[:-1] == full[: full.find(stop)]
