@@ -10,7 +10,8 @@ from typing import List, Optional
 from .cli import ArgumentParser, run_cli
 from .errors import ElmError
 from .generation import check_request, format_stats, stream_generate
-from .load import load
+from .load import DTYPES, load
+from .quantize import BITS, GROUP_SIZES, RECIPES
 from .sample import SamplingParams
 from .tokenizer import Tokenizer
 
@@ -28,6 +29,10 @@ def build_parser():
     defaults = SamplingParams()
     p = ArgumentParser(prog="python -m elm_mlx.generate", description="Generate text with an OpenELM model.")
     p.add_argument("--model", required=True, help="model directory or Hugging Face repo id (e.g. mlx-community/OpenELM-270M-Instruct)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="convert the weights to this dtype first (cached; default: as stored)")
+    p.add_argument("--q-bits", type=int, choices=BITS, help="quantize to this many bits first (cached)")
+    p.add_argument("--q-group-size", type=int, choices=GROUP_SIZES, default=64, help="quantization group size (default: %(default)s)")
+    p.add_argument("--q-recipe", choices=sorted(RECIPES), help="layer-wise mixed quantization recipe (with --q-bits)")
     p.add_argument("--prompt", required=True, help="prompt text, or '-' to read it from stdin")
     p.add_argument("--max-tokens", "-m", type=int, default=256, help="most tokens to generate (default: %(default)s)")
     p.add_argument("--temp", type=float, default=defaults.temp, help="sampling temperature, 0 for greedy (default: %(default)s)")
@@ -94,7 +99,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         repetition_context_size=args.repetition_context_size,
     )
 
-    model, tokenizer = load(args.model)
+    if args.q_recipe and args.q_bits is None:
+        raise ElmError("--q-recipe needs --q-bits")
+    model, tokenizer = load(args.model, dtype=args.dtype, q_bits=args.q_bits, q_group_size=args.q_group_size, q_recipe=args.q_recipe)
     use_chat = args.chat if args.chat is not None else (args.system is not None or _looks_instruct(args.model, tokenizer))
     if use_chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]

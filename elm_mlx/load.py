@@ -5,23 +5,29 @@ Apple's weight names) and tokenizer files. A `quantization` block in
 config.json ({"group_size": 64, "bits": 4}, optionally with per-layer
 overrides keyed by module path) marks quantized weights, as in the
 mlx-community OpenELM repos.
+
+Anything else (Apple's PyTorch-layout repos, which lack a tokenizer, .bin
+checkpoints, or a request for another dtype or quantization) is converted
+once into a cache directory and loaded from there on every later run.
 """
 
+import hashlib
 import json
-import re
+import os
+import sys
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import ConfigError, ElmError
+from .hub import looks_like_repo_id, snapshot
 from .models import architecture
 from .tokenizer import Tokenizer, load_tokenizer
 
-# What a model directory needs; nothing else is downloaded.
-HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Weight dtypes a model can be converted to.
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
 def resolve_model_path(path_or_repo: str) -> Path:
@@ -31,33 +37,9 @@ def resolve_model_path(path_or_repo: str) -> Path:
         if not path.is_dir():
             raise ElmError(f"{path} is a file; pass a model directory or a Hugging Face repo id")
         return path
-    if not _REPO_ID.match(str(path_or_repo)):
+    if not looks_like_repo_id(str(path_or_repo)):
         raise ElmError(f"model path {str(path_or_repo)!r} does not exist")
-    return _download(str(path_or_repo))
-
-
-def _download(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
-
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILE_PATTERNS))
-    except GatedRepoError:
-        raise ElmError(f"{repo_id} is gated on the Hugging Face Hub; accept its licence there and run `hf auth login`") from None
-    except RepositoryNotFoundError:
-        raise ElmError(f"{repo_id!r} is neither a local directory nor a model on the Hugging Face Hub") from None
-    except LocalEntryNotFoundError:
-        raise ElmError(
-            f"{repo_id} is not in the local Hugging Face cache and the Hub cannot be reached; "
-            "connect to the internet once to download it, or pass a local model directory"
-        ) from None
-    except (HfHubHTTPError, OSError) as e:
-        raise ElmError(f"downloading {repo_id} failed: {e}") from None
+    return snapshot(str(path_or_repo))
 
 
 def load_config(model_dir: Path) -> dict:
@@ -130,10 +112,70 @@ def load_model(model_dir: Path, config: dict = None) -> nn.Module:
     return model
 
 
-def load(path_or_repo: str) -> Tuple[nn.Module, Tokenizer]:
-    """Load a model and its tokenizer from a local directory or a Hugging Face repo id."""
+def cache_root() -> Path:
+    if os.environ.get("ELM_MLX_CACHE"):
+        return Path(os.environ["ELM_MLX_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "elm_mlx"
+
+
+def needs_conversion(model_dir: Path) -> bool:
+    """True for directories elm_mlx cannot load as they are: no safetensors, or no tokenizer."""
+    has_weights = any(model_dir.glob("*.safetensors"))
+    has_tokenizer = (model_dir / "tokenizer.model").is_file() or (model_dir / "tokenizer.json").is_file()
+    return not (has_weights and has_tokenizer)
+
+
+def _converted_copy(
+    model_dir: Path, name: str, dtype: Optional[str], q_bits: Optional[int], q_group_size: int, q_recipe: Optional[str]
+) -> Path:
+    """Convert once into the cache; the key covers the source's files and every option."""
+    import mlx.core as mx
+
+    from convert.pipeline import convert_checkpoint
+
+    if dtype is None:  # float32 is by far the fastest on MLX's CPU backend
+        dtype = "float32" if mx.default_device() == mx.cpu else None
+    fingerprint = hashlib.sha256(str(model_dir.resolve()).encode())
+    for f in sorted(model_dir.iterdir()):
+        fingerprint.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
+    variant = f"{dtype or 'default'}" + (f"-q{q_bits}g{q_group_size}" + (f"-{q_recipe}" if q_recipe else "") if q_bits else "")
+    target = cache_root() / "converted" / f"{name.replace('/', '--')}-{fingerprint.hexdigest()[:12]}-{variant}"
+    if target.is_dir():
+        print(f"using the converted copy in {target}", file=sys.stderr)
+        return target
+    print(f"converting {name} to MLX ({variant}) into {target}; later runs reuse it", file=sys.stderr)
+    convert_checkpoint(
+        str(model_dir),
+        target,
+        dtype=dtype,
+        quantize=q_bits is not None,
+        q_bits=q_bits or 4,
+        q_group_size=q_group_size,
+        q_recipe=q_recipe,
+        progress=True,
+    )
+    return target
+
+
+def load(
+    path_or_repo: str,
+    dtype: Optional[str] = None,
+    q_bits: Optional[int] = None,
+    q_group_size: int = 64,
+    q_recipe: Optional[str] = None,
+) -> Tuple[nn.Module, Tokenizer]:
+    """Load a model and its tokenizer from a local directory or a Hugging Face repo id.
+
+    With `dtype` or `q_bits`, or for a directory that is not MLX-ready (e.g.
+    apple/OpenELM-270M-Instruct), a converted copy is made in the cache once.
+    """
     model_dir = resolve_model_path(path_or_repo)
-    config = load_config(model_dir)
+    config = load_config(model_dir)  # a directory that is no model at all fails here, before any conversion
+    if dtype is not None or q_bits is not None or needs_conversion(model_dir):
+        local = Path(path_or_repo).expanduser().exists()
+        name = model_dir.resolve().name if local else str(path_or_repo)
+        model_dir = _converted_copy(model_dir, name, dtype, q_bits, q_group_size, q_recipe)
+        config = load_config(model_dir)
     model = load_model(model_dir, config)
     tokenizer = load_tokenizer(model_dir)
     eos = config.get("eos_token_id")

@@ -1,0 +1,125 @@
+"""PyTorch OpenELM checkpoint -> MLX model directory, in one function.
+
+The output has the layout of mlx-community's OpenELM repos, so elm_mlx and
+mlx-lm both load it: config.json (full per-layer lists, a `quantization`
+block when quantized), model.safetensors (sharded above a size limit),
+tokenizer files and a short model card.
+"""
+
+import json
+import time
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from tqdm import tqdm
+
+import elm_mlx
+from elm_mlx.files import atomic_directory, refuse_existing, save_weights
+from elm_mlx.load import DTYPES
+from elm_mlx.models.openelm import CORENET_SIZES, Model, ModelArgs
+from elm_mlx.quantize import bits_per_weight, check_options, quantize_model
+
+from .checkpoint import checked_weights, read_checkpoint
+from .tokenizer_files import find_tokenizer, install_tokenizer
+
+
+def default_dtype(args: ModelArgs) -> str:
+    """float16, except bfloat16 for the 3B size, whose activations overflow float16."""
+    three_b = CORENET_SIZES["OpenELM-3B"]
+    is_3b = args.model_dim >= three_b["model_dim"] and args.num_transformer_layers >= three_b["num_transformer_layers"]
+    return "bfloat16" if is_3b else "float16"
+
+
+@dataclass
+class ConversionSummary:
+    output: Path
+    parameters: int
+    bytes_written: int
+    dtype: str
+    quantization: str
+    seconds: float
+    peak_memory_mb: float
+
+    def __str__(self) -> str:
+        return (
+            f"wrote {self.output}: {self.parameters:,} parameters, {self.bytes_written / 1e6:,.1f} MB, "
+            f"{self.dtype}, {self.quantization}, {self.seconds:.1f} s, peak memory {self.peak_memory_mb:,.0f} MB"
+        )
+
+
+def convert_checkpoint(
+    source: str,
+    mlx_path: Path,
+    *,
+    corenet_model: Optional[str] = None,
+    corenet_config: Optional[Path] = None,
+    tokenizer: Optional[str] = None,
+    dtype: Optional[str] = None,
+    quantize: bool = False,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    q_recipe: Optional[str] = None,
+    force: bool = False,
+    max_shard_bytes: int = 5 << 30,
+    progress: bool = True,
+) -> ConversionSummary:
+    start = time.perf_counter()
+    mlx_path = Path(mlx_path)
+    refuse_existing(mlx_path, force)  # before any slow work
+    if quantize:
+        check_options(q_bits, q_group_size, q_recipe)
+    if dtype is not None and dtype not in DTYPES:
+        raise elm_mlx.ElmError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    mx.reset_peak_memory()
+
+    checkpoint = read_checkpoint(source, corenet_model, corenet_config)
+    weights = checked_weights(checkpoint)
+    tokenizer_files = find_tokenizer(tokenizer, checkpoint.directory)
+    dtype = dtype or default_dtype(checkpoint.args)
+    target = DTYPES[dtype]
+
+    model = Model(checkpoint.args)
+    model.load_weights([(k, v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()])
+    parameters = sum(p.size for _, p in tree_flatten(model.parameters()))
+    config = {**checkpoint.args.to_dict(), "architectures": ["OpenELMForCausalLM"]}
+    quant_text = "not quantized"
+    if quantize:
+        config["quantization"] = quantize_model(model, q_bits, q_group_size, q_recipe)
+        quant_text = f"{q_bits}-bit, group size {q_group_size}" + (f", recipe {q_recipe}" if q_recipe else "")
+        quant_text += f" ({bits_per_weight(model):.2f} bits/weight)"
+
+    output = dict(tree_flatten(model.parameters()))
+    for name in tqdm(sorted(output), desc="converting", unit="tensor", disable=not progress):
+        mx.eval(output[name])
+    del weights, checkpoint.weights
+
+    with atomic_directory(mlx_path, force) as staging:
+        save_weights(staging, output, max_shard_bytes)
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
+        install_tokenizer(tokenizer_files, staging, checkpoint.name, checkpoint.args.max_context_length)
+        (staging / "README.md").write_text(_model_card(checkpoint.name, checkpoint.origin, parameters, dtype, quant_text))
+    written = sum(f.stat().st_size for f in mlx_path.iterdir())
+    return ConversionSummary(mlx_path, parameters, written, dtype, quant_text, time.perf_counter() - start, mx.get_peak_memory() / 1e6)
+
+
+def _model_card(name: str, origin: str, parameters: int, dtype: str, quantization: str) -> str:
+    return f"""# {name} (MLX)
+
+Converted to MLX by elm-mlx {elm_mlx.__version__} on {date.today().isoformat()}.
+
+- source: {origin}
+- parameters: {parameters:,}
+- dtype: {dtype}
+- quantization: {quantization}
+
+Run it:
+
+    python -m elm_mlx.generate --model PATH_TO_THIS_DIRECTORY --prompt "Once upon a time"
+
+The weights keep the licence of the original checkpoint (Apple's OpenELM models use the Apple
+Sample Code License); the Llama-2 tokenizer is under Meta's Llama 2 Community License.
+"""

@@ -1,0 +1,101 @@
+"""Finding the tokenizer a converted model ships with.
+
+Apple's OpenELM repos have none: OpenELM uses Meta's Llama-2 SentencePiece
+model. In order: an explicit --tokenizer (file, directory or hub id), the
+source's own tokenizer files, then an ungated Hub copy of the Llama-2
+tokenizer (ELM_MLX_TOKENIZER_REPO overrides which), checked by hash.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Dict, Optional
+
+from elm_mlx.errors import ElmError
+from elm_mlx.hub import looks_like_repo_id
+from elm_mlx.tokenizer import DEFAULT_CHAT_TEMPLATE
+
+from .checkpoint import TOKENIZER_FILES
+
+DEFAULT_TOKENIZER_REPO = "hf-internal-testing/llama-tokenizer"
+LLAMA2_TOKENIZER_SHA256 = "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347"
+
+
+def default_tokenizer_repo() -> str:
+    return os.environ.get("ELM_MLX_TOKENIZER_REPO", DEFAULT_TOKENIZER_REPO)
+
+
+def find_tokenizer(option: Optional[str], source_dir: Optional[Path]) -> Dict[str, Path]:
+    """File name in the output directory -> file to copy there."""
+    if option:
+        path = Path(option).expanduser()
+        if path.is_file():
+            return {"tokenizer.model" if path.suffix == ".model" else path.name: path}
+        if path.is_dir():
+            found = _tokenizer_files_in(path)
+            if not found:
+                raise ElmError(f"--tokenizer {option}: no tokenizer.model or tokenizer.json there")
+            return found
+        if looks_like_repo_id(option):
+            return {"tokenizer.model": _download_tokenizer(option)}
+        raise ElmError(f"--tokenizer {option!r} is neither a file, a directory nor a Hugging Face repo id")
+    if source_dir is not None:
+        found = _tokenizer_files_in(source_dir)
+        if found:
+            return found
+    return {"tokenizer.model": _download_tokenizer(default_tokenizer_repo())}
+
+
+def _tokenizer_files_in(directory: Path) -> Dict[str, Path]:
+    if not ((directory / "tokenizer.model").is_file() or (directory / "tokenizer.json").is_file()):
+        return {}
+    return {name: directory / name for name in TOKENIZER_FILES if (directory / name).is_file()}
+
+
+def _download_tokenizer(repo_id: str) -> Path:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        path = Path(hf_hub_download(repo_id, "tokenizer.model"))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        reason = "the Hub cannot be reached" if isinstance(e, LocalEntryNotFoundError) else type(e).__name__
+        raise ElmError(
+            f"no tokenizer: the source has none and {repo_id}/tokenizer.model could not be fetched ({reason}); "
+            "pass --tokenizer /path/to/tokenizer.model (Meta's Llama-2 tokenizer)"
+        ) from None
+    if repo_id == default_tokenizer_repo() and _sha256(path) != LLAMA2_TOKENIZER_SHA256:
+        print(f"warning: {repo_id}/tokenizer.model is not the Llama-2 tokenizer OpenELM was trained with", file=sys.stderr)
+    return path
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def install_tokenizer(files: Dict[str, Path], out_dir: Path, model_name: str, max_length: int) -> None:
+    """Copy the tokenizer files and make sure a tokenizer_config.json describes them.
+
+    The written config lets transformers (and so mlx-lm) load a bare
+    tokenizer.model too; -Instruct models get the Zephyr chat template.
+    """
+    for name, source in files.items():
+        shutil.copyfile(source, out_dir / name)
+    if "tokenizer_config.json" in files:
+        return
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "legacy": True,
+        "model_max_length": max_length,
+    }
+    if "instruct" in model_name.lower():
+        config["chat_template"] = DEFAULT_CHAT_TEMPLATE
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
