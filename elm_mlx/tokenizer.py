@@ -44,7 +44,8 @@ class StreamingDetokenizer:
         self._started = False
 
     def add(self, token: int) -> str:
-        piece = self._token_bytes[token]
+        # Models may pad their vocabulary past the tokenizer's; those ids have no text.
+        piece = self._token_bytes[token] if token < len(self._token_bytes) else b""
         if not self._started and piece:
             self._started = True
             if self._trim and piece.startswith(b" "):

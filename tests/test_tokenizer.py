@@ -151,3 +151,8 @@ def test_unreadable_tokenizer_is_one_error(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(b"not a sentencepiece model")
     with pytest.raises(ElmError, match="could not read the tokenizer"):
         load_tokenizer(tmp_path)
+
+
+def test_ids_beyond_the_tokenizer_vocabulary_stream_as_nothing(tiny):
+    ids = tiny.encode("the king", add_bos=False)
+    assert "".join(stream(tiny, [ids[0], tiny.vocab_size + 5, *ids[1:]])) == "the king"
