@@ -66,7 +66,13 @@ def convert_checkpoint(
     force: bool = False,
     max_shard_bytes: int = 5 << 30,
     progress: bool = True,
+    name: Optional[str] = None,
 ) -> ConversionSummary:
+    """Convert `source` (local path or Hub id) into the MLX directory `mlx_path`.
+
+    `name` labels the model in its card and decides whether it gets the
+    -Instruct chat template (default: the source's own name).
+    """
     start = time.perf_counter()
     mlx_path = Path(mlx_path)
     refuse_existing(mlx_path, force)  # before any slow work
@@ -77,6 +83,7 @@ def convert_checkpoint(
     mx.reset_peak_memory()
 
     checkpoint = read_checkpoint(source, corenet_model, corenet_config)
+    checkpoint.name = name or checkpoint.name
     weights = checked_weights(checkpoint)
     tokenizer_files = find_tokenizer(tokenizer, checkpoint.directory)
     dtype = dtype or default_dtype(checkpoint.args)

@@ -153,6 +153,7 @@ def _converted_copy(
         q_group_size=q_group_size,
         q_recipe=q_recipe,
         progress=True,
+        name=name.split("/")[-1],
     )
     return target
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import OrderedDict
@@ -313,3 +314,40 @@ def test_generate_converts_a_pytorch_directory_once_and_reuses_it(tmp_path, toke
     quantized = subprocess.run(command + ["--q-bits", "8", "--q-group-size", "32"], capture_output=True, text=True, env=env, timeout=120)
     assert quantized.returncode == 0 and "float32-q8g32" in quantized.stderr, quantized.stderr
     assert len(list((tmp_path / "cache" / "converted").iterdir())) == 2
+
+
+def seed_hub_cache(hub: Path, repo_id: str, files: dict) -> None:
+    """Lay out a repo in a Hugging Face cache as huggingface_hub itself does, so it resolves offline."""
+    commit = "1" * 40
+    repo = hub / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name, data in files.items():
+        (snapshot / name).write_bytes(data)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_quickstart_path_apple_repo_id_offline_from_the_cache(tmp_path, tiny_sp_model):
+    """`--model apple/...-Instruct`: an Apple-layout repo without tokenizer converts, fetching the tokenizer repo."""
+    config = tiny_config()
+    source = write_hf(tmp_path / "src", config, torch_state_dict(config), "safetensors")
+    hub = tmp_path / "hub"
+    seed_hub_cache(hub, "apple/OpenELM-tiny-Instruct", {f.name: f.read_bytes() for f in source.iterdir()})
+    seed_hub_cache(hub, "someone/llama-tokenizer", {"tokenizer.model": tiny_sp_model})
+    env = {
+        **os.environ,
+        "HF_HUB_CACHE": str(hub),
+        "HF_HUB_OFFLINE": "1",
+        "ELM_MLX_CACHE": str(tmp_path / "cache"),
+        "ELM_MLX_TOKENIZER_REPO": "someone/llama-tokenizer",
+    }
+    command = [sys.executable, "-m", "elm_mlx.generate", "--model", "apple/OpenELM-tiny-Instruct", "--prompt", "hi", "--max-tokens", "4"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    (converted,) = (tmp_path / "cache" / "converted").iterdir()
+    assert converted.name.startswith("apple--OpenELM-tiny-Instruct-")
+    assert "<|assistant|>" in json.loads((converted / "tokenizer_config.json").read_text())["chat_template"]
+    assert "# OpenELM-tiny-Instruct (MLX)" in (converted / "README.md").read_text()
+    # chat formatting was on: the prompt is far longer than "hi" with BOS
+    assert int(re.search(r"prompt: (\d+) tokens", result.stderr).group(1)) > 5
