@@ -11,14 +11,15 @@ Two layouts exist:
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from elm_mlx.errors import ElmError
 from elm_mlx.hub import looks_like_repo_id, snapshot
-from elm_mlx.models.openelm import CORENET_SIZES, Model, ModelArgs
+from elm_mlx.models import architecture
+from elm_mlx.models.openelm import CORENET_SIZES, ModelArgs
 
 from .torch_pickle import load_torch_state_dict
 
@@ -27,7 +28,7 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 
 @dataclass
 class Checkpoint:
-    args: ModelArgs
+    args: Any  # the architecture's ModelArgs
     weights: Dict[str, mx.array]  # Apple's HF names, as stored (dtype untouched)
     origin: str  # what it was read from, for the model card
     name: str  # e.g. "OpenELM-270M-Instruct"
@@ -68,7 +69,7 @@ def _read_hf_dir(directory: Path, origin: str, name: str) -> Checkpoint:
         raise ElmError(f"{directory} has no config.json")
     try:
         config = json.loads(config_file.read_text())
-        args = ModelArgs.from_dict(config)
+        args = architecture(config.get("model_type", "openelm")).ModelArgs.from_dict(config)
     except json.JSONDecodeError as e:
         raise ElmError(f"{config_file} is not valid JSON ({e})") from None
     except ElmError as e:
@@ -131,7 +132,7 @@ def corenet_model_name(yaml_file: Path) -> str:
 
 def checked_weights(checkpoint: Checkpoint) -> Dict[str, mx.array]:
     """The checkpoint's weights, each name known and each shape as the config implies."""
-    model = Model(checkpoint.args)  # parameters are lazy: nothing is allocated
+    model = architecture(checkpoint.args.model_type).Model(checkpoint.args)  # lazy: nothing is allocated
     expected = {name: p.shape for name, p in tree_flatten(model.parameters())}
     weights = model.sanitize(checkpoint.weights)
     for name, value in weights.items():

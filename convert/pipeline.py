@@ -20,18 +20,11 @@ from tqdm import tqdm
 import elm_mlx
 from elm_mlx.files import atomic_directory, refuse_existing, save_weights
 from elm_mlx.load import DTYPES
-from elm_mlx.models.openelm import CORENET_SIZES, Model, ModelArgs
+from elm_mlx.models import architecture
 from elm_mlx.quantize import bits_per_weight, check_options, quantize_model
 
 from .checkpoint import checked_weights, read_checkpoint
 from .tokenizer_files import find_tokenizer, install_tokenizer
-
-
-def default_dtype(args: ModelArgs) -> str:
-    """float16, except bfloat16 for the 3B size, whose activations overflow float16."""
-    three_b = CORENET_SIZES["OpenELM-3B"]
-    is_3b = args.model_dim >= three_b["model_dim"] and args.num_transformer_layers >= three_b["num_transformer_layers"]
-    return "bfloat16" if is_3b else "float16"
 
 
 @dataclass
@@ -85,14 +78,14 @@ def convert_checkpoint(
     checkpoint = read_checkpoint(source, corenet_model, corenet_config)
     checkpoint.name = name or checkpoint.name
     weights = checked_weights(checkpoint)
-    tokenizer_files = find_tokenizer(tokenizer, checkpoint.directory)
-    dtype = dtype or default_dtype(checkpoint.args)
+    tokenizer_files = find_tokenizer(tokenizer, checkpoint.directory, checkpoint.args.model_type)
+    dtype = dtype or checkpoint.args.preferred_dtype
     target = DTYPES[dtype]
 
-    model = Model(checkpoint.args)
+    model = architecture(checkpoint.args.model_type).Model(checkpoint.args)
     model.load_weights([(k, v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()])
     parameters = sum(p.size for _, p in tree_flatten(model.parameters()))
-    config = {**checkpoint.args.to_dict(), "architectures": ["OpenELMForCausalLM"]}
+    config = checkpoint.args.to_dict()
     quant_text = "not quantized"
     if quantize:
         config["quantization"] = quantize_model(model, q_bits, q_group_size, q_recipe)
@@ -107,7 +100,7 @@ def convert_checkpoint(
     with atomic_directory(mlx_path, force) as staging:
         save_weights(staging, output, max_shard_bytes)
         (staging / "config.json").write_text(json.dumps(config, indent=2))
-        install_tokenizer(tokenizer_files, staging, checkpoint.name, checkpoint.args.max_context_length)
+        install_tokenizer(tokenizer_files, staging, checkpoint.name)
         (staging / "README.md").write_text(_model_card(checkpoint.name, checkpoint.origin, parameters, dtype, quant_text))
     written = sum(f.stat().st_size for f in mlx_path.iterdir())
     return ConversionSummary(mlx_path, parameters, written, dtype, quant_text, time.perf_counter() - start, mx.get_peak_memory() / 1e6)
@@ -127,6 +120,6 @@ Run it:
 
     python -m elm_mlx.generate --model PATH_TO_THIS_DIRECTORY --prompt "Once upon a time"
 
-The weights keep the licence of the original checkpoint (Apple's OpenELM models use the Apple
-Sample Code License); the Llama-2 tokenizer is under Meta's Llama 2 Community License.
+The weights keep the licence of the original checkpoint (Apple's OpenELM models: the Apple Sample
+Code License; the Llama-2 tokenizer they use: Meta's Llama 2 Community License).
 """

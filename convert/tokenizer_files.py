@@ -28,7 +28,7 @@ def default_tokenizer_repo() -> str:
     return os.environ.get("ELM_MLX_TOKENIZER_REPO", DEFAULT_TOKENIZER_REPO)
 
 
-def find_tokenizer(option: Optional[str], source_dir: Optional[Path]) -> Dict[str, Path]:
+def find_tokenizer(option: Optional[str], source_dir: Optional[Path], model_type: str = "openelm") -> Dict[str, Path]:
     """File name in the output directory -> file to copy there."""
     if option:
         path = Path(option).expanduser()
@@ -46,6 +46,8 @@ def find_tokenizer(option: Optional[str], source_dir: Optional[Path]) -> Dict[st
         found = _tokenizer_files_in(source_dir)
         if found:
             return found
+    if model_type != "openelm":  # the Llama-2 fallback is OpenELM's tokenizer, nobody else's
+        raise ElmError("no tokenizer: the source has no tokenizer.model or tokenizer.json; pass --tokenizer")
     return {"tokenizer.model": _download_tokenizer(default_tokenizer_repo())}
 
 
@@ -76,7 +78,7 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def install_tokenizer(files: Dict[str, Path], out_dir: Path, model_name: str, max_length: int) -> None:
+def install_tokenizer(files: Dict[str, Path], out_dir: Path, model_name: str) -> None:
     """Copy the tokenizer files and make sure a tokenizer_config.json describes them.
 
     The written config lets transformers (and so mlx-lm) load a bare
@@ -94,7 +96,6 @@ def install_tokenizer(files: Dict[str, Path], out_dir: Path, model_name: str, ma
         "add_bos_token": True,
         "add_eos_token": False,
         "legacy": True,
-        "model_max_length": max_length,
     }
     if "instruct" in model_name.lower():
         config["chat_template"] = DEFAULT_CHAT_TEMPLATE

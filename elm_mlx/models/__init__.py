@@ -3,9 +3,9 @@
 from types import ModuleType
 
 from ..errors import ConfigError
-from . import openelm
+from . import olmo, openelm
 
-ARCHITECTURES: dict[str, ModuleType] = {"openelm": openelm}
+ARCHITECTURES: dict[str, ModuleType] = {"openelm": openelm, "olmo": olmo}
 
 
 def architecture(model_type: str) -> ModuleType:

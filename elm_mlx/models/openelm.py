@@ -139,6 +139,13 @@ class ModelArgs:
         if self.normalization_layer_name != "rms_norm":
             raise ConfigError(f"normalization_layer_name {self.normalization_layer_name!r} is not supported (OpenELM uses 'rms_norm')")
 
+    @property
+    def preferred_dtype(self) -> str:
+        """float16, except bfloat16 from the 3B size up, whose activations overflow float16."""
+        big = CORENET_SIZES["OpenELM-3B"]
+        is_3b = self.model_dim >= big["model_dim"] and self.num_transformer_layers >= big["num_transformer_layers"]
+        return "bfloat16" if is_3b else "float16"
+
     def ffn_dim(self, layer: int) -> int:
         return make_divisible(self.ffn_multipliers[layer] * self.model_dim, self.ffn_dim_divisor)
 
