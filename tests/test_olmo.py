@@ -126,6 +126,6 @@ def test_converter_handles_an_olmo_checkpoint(tmp_path):
     model, tokenizer = load(str(tmp_path / "mlx"))
     assert summary.dtype == "float32" and type(model).__module__ == "elm_mlx.models.olmo"
     assert np.abs(np.array(model(mx.array(TOKENS))) - hf_logits(reference, TOKENS)).max() <= 1e-4
-    assert tokenizer.add_bos is False and tokenizer.eos_ids == {0}
+    assert tokenizer.add_bos is False and tokenizer.eos_ids == {0, config.get("eos_token_id", 50279)}  # tokenizer's and config's
     # with no dtype asked for, OLMo converts to bfloat16 (it was trained in it)
     assert convert_checkpoint(str(source), tmp_path / "bf16", progress=False).dtype == "bfloat16"
