@@ -61,7 +61,7 @@ def build_model(config: dict) -> nn.Module:
     return arch.Model(arch.ModelArgs.from_dict(config))
 
 
-def _quantize_like_checkpoint(model: nn.Module, quantization: dict, weights: dict) -> None:
+def quantize_like(model: nn.Module, quantization: dict, weights: dict) -> None:
     """Swap in quantized layers wherever the checkpoint stores quantized weights."""
 
     def predicate(path: str, module: nn.Module):
@@ -102,7 +102,7 @@ def load_model(model_dir: Path, config: dict = None) -> nn.Module:
     weights = model.sanitize(weights)
 
     if config.get("quantization"):
-        _quantize_like_checkpoint(model, config["quantization"], weights)
+        quantize_like(model, config["quantization"], weights)
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
