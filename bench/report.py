@@ -134,7 +134,8 @@ def _charts(out_dir: Path, rows: List[dict], machine: str) -> List[Path]:
     plt.close(fig)
 
     # the ablation and the peer, per model and dtype
-    cases = sorted({(r["model"], r["dtype"]) for r in rows})
+    size = {r["model"]: r["parameters"] for r in rows}
+    cases = sorted({(r["model"], r["dtype"]) for r in rows}, key=lambda case: (size[case[0]], case))
     variants = [v for v in VARIANT_LABELS if any(r["variant"] == v for r in rows)]
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(cases) + 4), 4.2))
     width = 0.8 / len(variants)

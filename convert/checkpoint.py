@@ -17,6 +17,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from elm_mlx.errors import ElmError
+from elm_mlx.files import read_safetensors
 from elm_mlx.hub import looks_like_repo_id, snapshot
 from elm_mlx.models import architecture
 from elm_mlx.models.openelm import CORENET_SIZES, ModelArgs
@@ -102,12 +103,7 @@ def weight_files(directory: Path) -> List[Path]:
 
 
 def _read_weight_file(file: Path) -> Dict[str, mx.array]:
-    if file.suffix == ".safetensors":
-        try:
-            return mx.load(str(file))
-        except (RuntimeError, ValueError, OSError) as e:
-            raise ElmError(f"cannot read {file.name} (truncated or not safetensors): {e}") from None
-    return load_torch_state_dict(file)
+    return read_safetensors(file) if file.suffix == ".safetensors" else load_torch_state_dict(file)
 
 
 def corenet_to_hf_names(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:

@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 import elm_mlx
+from elm_mlx.errors import ElmError
 from elm_mlx.files import atomic_directory, refuse_existing, save_weights
 from elm_mlx.load import DTYPES
 from elm_mlx.models import architecture
@@ -72,7 +73,7 @@ def convert_checkpoint(
     if quantize:
         check_options(q_bits, q_group_size, q_recipe)
     if dtype is not None and dtype not in DTYPES:
-        raise elm_mlx.ElmError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise ElmError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     mx.reset_peak_memory()
 
     checkpoint = read_checkpoint(source, corenet_model, corenet_config)
@@ -93,8 +94,8 @@ def convert_checkpoint(
         quant_text += f" ({bits_per_weight(model):.2f} bits/weight)"
 
     output = dict(tree_flatten(model.parameters()))
-    for name in tqdm(sorted(output), desc="converting", unit="tensor", disable=not progress):
-        mx.eval(output[name])
+    for key in tqdm(sorted(output), desc="converting", unit="tensor", disable=not progress):
+        mx.eval(output[key])
     del weights, checkpoint.weights
 
     with atomic_directory(mlx_path, force) as staging:

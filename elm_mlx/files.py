@@ -47,6 +47,14 @@ def atomic_directory(path: Path, force: bool = False) -> Iterator[Path]:
         raise
 
 
+def read_safetensors(file: Path) -> Dict[str, mx.array]:
+    """All tensors of one .safetensors file, dtypes as stored (bfloat16 included)."""
+    try:
+        return mx.load(str(file))
+    except (RuntimeError, ValueError, OSError) as e:
+        raise ElmError(f"cannot read {Path(file).name} (truncated or not safetensors): {e}") from None
+
+
 def save_weights(directory: Path, weights: Dict[str, mx.array], max_shard_bytes: int = 5 << 30) -> None:
     """model.safetensors, or model-0000i-of-0000n.safetensors shards plus model.safetensors.index.json."""
     shards, current, size = [], {}, 0

@@ -22,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import ConfigError, ElmError
+from .files import read_safetensors
 from .hub import looks_like_repo_id, snapshot
 from .models import architecture
 from .tokenizer import Tokenizer, load_tokenizer
@@ -95,10 +96,7 @@ def load_model(model_dir: Path, config: dict = None) -> nn.Module:
         raise ElmError(f"{model_dir} has no *.safetensors weights (a PyTorch checkpoint? convert it: python -m convert)")
     weights = {}
     for file in files:
-        try:
-            weights.update(mx.load(str(file)))
-        except (RuntimeError, ValueError, OSError) as e:
-            raise ElmError(f"cannot read {file.name}: {e}") from None
+        weights.update(read_safetensors(file))
     weights = model.sanitize(weights)
 
     if config.get("quantization"):
@@ -129,8 +127,6 @@ def _converted_copy(
     model_dir: Path, name: str, dtype: Optional[str], q_bits: Optional[int], q_group_size: int, q_recipe: Optional[str]
 ) -> Path:
     """Convert once into the cache; the key covers the source's files and every option."""
-    import mlx.core as mx
-
     from convert.pipeline import convert_checkpoint
 
     if dtype is None:  # float32 is by far the fastest on MLX's CPU backend

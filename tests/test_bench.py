@@ -89,3 +89,27 @@ def test_quick_run_writes_every_figure(tmp_path):
 def test_unknown_shape_is_one_line():
     result = subprocess.run([sys.executable, "-m", "bench", "--models", "gpt-5"], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and result.stderr.strip().count("\n") == 0 and "unknown model shape 'gpt-5'" in result.stderr
+
+
+def test_a_model_directory_is_benchmarked_with_its_own_weights(tmp_path, tiny_model_dir):
+    out = tmp_path / "r"
+    command = [
+        sys.executable,
+        "-m",
+        "bench",
+        "--model",
+        str(tiny_model_dir),
+        "--prompt-lengths",
+        "8",
+        "--gen-tokens",
+        "4",
+        "--trials",
+        "1",
+        "--out",
+        str(out),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert {r["variant"] for r in rows} == {"fused", "naive", "mlx-lm"}
+    assert all(r["model"] == tiny_model_dir.name and r["parameters"] > 0 for r in rows)
