@@ -33,7 +33,7 @@ def _openelm_mixed_4_6(path: str, layer: int, num_layers: int) -> Optional[Param
       smallest FFN), so they hold few bytes; the first and last eighth of the
       stack, where errors compound or land directly on the output, get 6 bits.
     - FFN down-projections (proj_2) of the first half get 6 bits: their inputs
-      pass through the SwiGLU product and carry the largest outliers.
+      are SwiGLU products, where activation outliers usually concentrate.
     """
     six = {"bits": 6}
     if layer < 0:  # not inside a transformer layer: embeddings / lm_head
