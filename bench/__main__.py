@@ -91,31 +91,27 @@ def _version(name: str) -> str:
 
 
 def prepare(config: dict, fmt: str, model_dir: Path = None):
-    """The model in the requested weight format: random weights of the config's shape, or a directory's."""
+    """The model in the requested weight format (random weights of the config's shape, or a directory's),
+    its parameter count and its quantization block (None when not quantized)."""
     mx.random.seed(0)
+    parameters = sum(p.size for _, p in tree_flatten(build_model(config).parameters()))  # lazy: no allocation
     model = load_model(model_dir, config) if model_dir else build_model(config)
-    mx.eval(model.parameters())
-    parameters = sum(p.size for _, p in tree_flatten(model.parameters()))
-    if "quantization" in config and fmt != "as stored":
-        raise ElmError("a quantized model directory can only be benchmarked as stored")
+    quantization = config.get("quantization")
     if fmt in QUANTIZED:
         model.set_dtype(mx.float32 if mx.default_device() == mx.cpu else mx.float16)
-        quantize_model(model, QUANTIZED[fmt], 64)
+        quantization = quantize_model(model, QUANTIZED[fmt], 64)
     elif fmt in DTYPES:
         model.set_dtype(DTYPES[fmt])
     mx.eval(model.parameters())
-    return model, parameters
+    return model, parameters, quantization
 
 
-def peer_model(model, config: dict):
+def peer_model(model, config: dict, quantization: dict = None):
     """mlx-lm's OpenELM holding the very same weight arrays (no copy)."""
     from mlx_lm.models import openelm as peer
 
     theirs = peer.Model(peer.ModelArgs.from_dict(config))
     weights = dict(tree_flatten(model.parameters()))
-    quantization = (
-        {"group_size": 64, "bits": model.layers[0].attn.qkv_proj.bits} if hasattr(model.layers[0].attn.qkv_proj, "bits") else None
-    )
     if quantization:
         quantize_like(theirs, quantization, weights)
     theirs.load_weights(list(weights.items()))
@@ -158,10 +154,10 @@ def main(argv=None) -> None:
         for name, config, model_dir in cases:
             model_type = config.get("model_type", "openelm")
             for fmt in ["as stored"] if "quantization" in config else dtypes:
-                model, parameters = prepare(config, fmt, model_dir)
+                model, parameters, quantization = prepare(config, fmt, model_dir)
                 variants = [("fused", model)]
                 if model_type == "openelm" and not args.no_peer and _version("mlx-lm") != "not installed":
-                    variants.append(("mlx-lm", peer_model(model, config)))
+                    variants.append(("mlx-lm", peer_model(model, config, quantization)))
                 if not args.no_ablation:
                     variants.append(("naive", model))  # last: it rewires `model` itself
                 for variant, runnable in variants:

@@ -49,7 +49,9 @@ def build_parser() -> ArgumentParser:
         choices=list(RECIPES),
         help="layer-wise mixed precision made for OpenELM (mixed-4-6: 6 bits for the embedding, the edge layers and early FFN down-projections, 4 elsewhere)",
     )
-    p.add_argument("--max-shard-size-gb", type=float, default=5.0, help="split model.safetensors above this size (default: %(default)s)")
+    p.add_argument(
+        "--max-shard-size-gb", type=float, default=5.0, help="split model.safetensors above this many GiB (default: %(default)s)"
+    )
     p.add_argument("--force", action="store_true", help="replace --mlx-path if it exists")
     return p
 

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 from .cli import ArgumentParser, run_cli
 from .errors import ElmError
-from .generation import check_request, format_stats, stream_generate
+from .generation import check_request, print_stream, stream_generate
 from .load import DTYPES, load
 from .quantize import BITS, GROUP_SIZES, RECIPES
 from .sample import SamplingParams
@@ -85,11 +85,9 @@ def build_parser():
 def main(argv: Optional[List[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    check_request(prompt, args.max_tokens)  # before the (slow) model load
+    check_request(prompt, args.max_tokens, args.prefill_step_size)  # before the (slow) model load
     if args.chat is False and args.system is not None:
         raise ElmError("--system needs chat formatting; drop --no-chat")
-    if args.prefill_step_size < 1:
-        raise ElmError(f"--prefill-step-size must be >= 1, got {args.prefill_step_size}")
     sampling = SamplingParams(
         temp=args.temp,
         top_p=args.top_p,
@@ -107,8 +105,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
-    last = None
-    for last in stream_generate(
+    responses = stream_generate(
         model,
         tokenizer,
         prompt,
@@ -117,12 +114,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         stop=[_unescape(s) for s in args.stop],
         seed=args.seed,
         prefill_step_size=args.prefill_step_size,
-    ):
-        sys.stdout.write(last.text)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    if args.verbose:
-        print(format_stats(last), file=sys.stderr)
+    )
+    print_stream(responses, stats=args.verbose)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 import sys
 import time
 from dataclasses import dataclass
-from typing import Generator, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Generator, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -35,9 +35,8 @@ def generate_step(
     def step(inputs: mx.array) -> Tuple[mx.array, mx.array]:
         nonlocal history
         logits = model(inputs[None], cache=cache)[:, -1, :]
-        if logits_processors:
-            for processor in logits_processors:
-                logits = processor(history, logits)
+        for processor in logits_processors:
+            logits = processor(history, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         token = sampler(logprobs)
         if logits_processors:
@@ -80,11 +79,13 @@ class GenerationResponse:
     finish_reason: Optional[str] = None
 
 
-def check_request(prompt: Union[str, Sequence[int]], max_tokens: int) -> None:
+def check_request(prompt: Union[str, Sequence[int]], max_tokens: int, prefill_step_size: int = 512) -> None:
     if not (prompt.strip() if isinstance(prompt, str) else len(prompt)):
         raise ElmError("the prompt is empty")
     if max_tokens < 1:
         raise ElmError(f"max_tokens must be >= 1, got {max_tokens}")
+    if prefill_step_size < 1:  # 0 would never advance through the prompt
+        raise ElmError(f"prefill_step_size must be >= 1, got {prefill_step_size}")
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
@@ -110,7 +111,7 @@ def stream_generate(
 ) -> Generator[GenerationResponse, None, None]:
     """Generate from a prompt (text, or token ids), yielding text as it is produced."""
     sampling = sampling or SamplingParams()
-    check_request(prompt, max_tokens)
+    check_request(prompt, max_tokens, prefill_step_size)
     prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     stop = [s for s in stop if s]
     if seed is not None:
@@ -153,8 +154,9 @@ def stream_generate(
         hit = min((i for i in (pending.find(s) for s in stop) if i >= 0), default=-1)
         if hit >= 0:
             yield response(pending[:hit], token, logprobs)
-            pending, finish_reason = "", "stop"
-            break
+            steps.close()
+            yield response("", finish="stop")  # bytes buffered after the stop string are dropped too
+            return
         keep = _held_back(pending, stop) if stop else 0
         text, pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
         yield response(text, token, logprobs)
@@ -172,14 +174,22 @@ def generate(
     **kwargs,
 ) -> str:
     """Generate and return the whole text; with verbose, stream it to stdout and print stats."""
+    responses = stream_generate(model, tokenizer, prompt, **kwargs)
+    if verbose:
+        return print_stream(responses, stats=True)
+    return "".join(r.text for r in responses)
+
+
+def print_stream(responses: Iterable[GenerationResponse], stats: bool) -> str:
+    """Write text to stdout as it arrives, then a newline and, with stats, the stats line to stderr."""
     pieces: List[str] = []
     last = None
-    for last in stream_generate(model, tokenizer, prompt, **kwargs):
+    for last in responses:
         pieces.append(last.text)
-        if verbose:
-            print(last.text, end="", flush=True)
-    if verbose:
-        print()
+        sys.stdout.write(last.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if stats:
         print(format_stats(last), file=sys.stderr)
     return "".join(pieces)
 

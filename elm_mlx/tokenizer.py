@@ -94,6 +94,11 @@ class Tokenizer:
     def token_bytes(self) -> List[bytes]:
         return self._build_token_bytes()
 
+    @cached_property
+    def _special_pattern(self) -> "re.Pattern":
+        """Splits text around special-token strings, longest first, keeping them as parts."""
+        return re.compile("(" + "|".join(re.escape(s) for s in sorted(self.special_tokens, key=len, reverse=True)) + ")")
+
     def encode(self, text: str, add_bos: Optional[bool] = None, parse_special: bool = True) -> List[int]:
         """Text to ids. With parse_special, strings like "</s>" become their special token.
 
@@ -103,8 +108,7 @@ class Tokenizer:
         add_bos = self.add_bos if add_bos is None else add_bos
         ids: List[int] = []
         if parse_special and self.special_tokens:
-            pattern = "(" + "|".join(re.escape(s) for s in sorted(self.special_tokens, key=len, reverse=True)) + ")"
-            for part in re.split(pattern, text):
+            for part in self._special_pattern.split(text):
                 if part in self.special_tokens:
                     ids.append(self.special_tokens[part])
                 elif part:

@@ -81,3 +81,9 @@ def test_bad_requests(tiny, prompt, max_tokens, message):
     model, tokenizer = tiny
     with pytest.raises(ElmError, match=message):
         list(stream_generate(model, tokenizer, prompt, max_tokens=max_tokens))
+
+
+def test_zero_prefill_step_is_refused_instead_of_hanging(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(ElmError, match="prefill_step_size must be >= 1"):
+        list(stream_generate(model, tokenizer, "the king and the queen", prefill_step_size=0))
