@@ -24,8 +24,6 @@ from elm_mlx.models.openelm import CORENET_SIZES, ModelArgs
 
 from .torch_pickle import load_torch_state_dict
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-
 
 @dataclass
 class Checkpoint:

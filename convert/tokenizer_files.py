@@ -16,9 +16,7 @@ from typing import Dict, Optional
 
 from elm_mlx.errors import ElmError
 from elm_mlx.hub import looks_like_repo_id
-from elm_mlx.tokenizer import DEFAULT_CHAT_TEMPLATE
-
-from .checkpoint import TOKENIZER_FILES
+from elm_mlx.tokenizer import DEFAULT_CHAT_TEMPLATE, TOKENIZER_FILES
 
 DEFAULT_TOKENIZER_REPO = "hf-internal-testing/llama-tokenizer"
 LLAMA2_TOKENIZER_SHA256 = "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347"

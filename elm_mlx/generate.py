@@ -29,6 +29,7 @@ def build_parser():
     defaults = SamplingParams()
     p = ArgumentParser(prog="python -m elm_mlx.generate", description="Generate text with an OpenELM model.")
     p.add_argument("--model", required=True, help="model directory or Hugging Face repo id (e.g. mlx-community/OpenELM-270M-Instruct)")
+    p.add_argument("--adapter-path", help="apply fine-tuned adapters from this directory (python -m elm_mlx.lora)")
     p.add_argument("--dtype", choices=list(DTYPES), help="convert the weights to this dtype first (cached; default: as stored)")
     p.add_argument("--q-bits", type=int, choices=BITS, help="quantize to this many bits first (cached)")
     p.add_argument("--q-group-size", type=int, choices=GROUP_SIZES, default=64, help="quantization group size (default: %(default)s)")
@@ -99,7 +100,14 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     if args.q_recipe and args.q_bits is None:
         raise ElmError("--q-recipe needs --q-bits")
-    model, tokenizer = load(args.model, dtype=args.dtype, q_bits=args.q_bits, q_group_size=args.q_group_size, q_recipe=args.q_recipe)
+    model, tokenizer = load(
+        args.model,
+        dtype=args.dtype,
+        q_bits=args.q_bits,
+        q_group_size=args.q_group_size,
+        q_recipe=args.q_recipe,
+        adapter_path=args.adapter_path,
+    )
     use_chat = args.chat if args.chat is not None else (args.system is not None or _looks_instruct(args.model, tokenizer))
     if use_chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]

@@ -160,11 +160,13 @@ def load(
     q_bits: Optional[int] = None,
     q_group_size: int = 64,
     q_recipe: Optional[str] = None,
+    adapter_path: Optional[str] = None,
 ) -> Tuple[nn.Module, Tokenizer]:
     """Load a model and its tokenizer from a local directory or a Hugging Face repo id.
 
     With `dtype` or `q_bits`, or for a directory that is not MLX-ready (e.g.
     apple/OpenELM-270M-Instruct), a converted copy is made in the cache once.
+    `adapter_path` applies fine-tuned adapters (python -m elm_mlx.lora) on top.
     """
     model_dir = resolve_model_path(path_or_repo)
     config = load_config(model_dir)  # a directory that is no model at all fails here, before any conversion
@@ -174,6 +176,10 @@ def load(
         model_dir = _converted_copy(model_dir, name, dtype, q_bits, q_group_size, q_recipe)
         config = load_config(model_dir)
     model = load_model(model_dir, config)
+    if adapter_path is not None:
+        from .lora.adapters import apply_adapters
+
+        apply_adapters(model, Path(adapter_path).expanduser())
     tokenizer = load_tokenizer(model_dir)
     eos = config.get("eos_token_id")
     tokenizer.eos_ids |= set(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])

@@ -31,6 +31,9 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 CHAT_ROLES = ("system", "user", "assistant")
 
+# Everything a model directory may carry that describes its tokenizer.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 

@@ -1,0 +1,89 @@
+"""Merge fine-tuned adapters into a new model directory.
+
+python -m elm_mlx.fuse --model BASE --adapter-path adapters --save-path fused [--de-quantize]
+
+The result loads like any model directory (elm-mlx and mlx-lm) and runs at
+the base model's speed. A quantized base stays quantized with the same
+settings (each fused weight is re-quantized) unless --de-quantize asks for
+float weights.
+"""
+
+import json
+import shutil
+from pathlib import Path
+from typing import List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .cli import ArgumentParser, run_cli
+from .files import atomic_directory, refuse_existing, save_weights
+from .load import load_config, load_model, resolve_model_path
+from .lora.adapters import apply_adapters
+from .lora.layers import fuse_adapters
+from .tokenizer import TOKENIZER_FILES
+
+
+def dequantize_model(model: nn.Module) -> None:
+    """Replace every quantized layer by the float layer it stands for."""
+    replacements = []
+    for path, module in model.named_modules():
+        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            dense = mx.dequantize(module.weight, module.scales, module.biases, module.group_size, module.bits, mode=module.mode)
+            dense = dense.astype(module.scales.dtype)
+            if isinstance(module, nn.QuantizedLinear):
+                layer = nn.Linear(dense.shape[1], dense.shape[0], bias="bias" in module)
+            else:
+                layer = nn.Embedding(*dense.shape)
+            layer.update({"weight": dense, **({"bias": module.bias} if "bias" in module else {})})
+            replacements.append((path, layer))
+    if replacements:
+        from mlx.utils import tree_unflatten
+
+        model.update_modules(tree_unflatten(replacements))
+
+
+def fuse(model_path: str, adapter_path: Path, save_path: Path, de_quantize: bool = False, force: bool = False) -> Path:
+    save_path = Path(save_path)
+    refuse_existing(save_path, force)  # before loading anything
+    model_dir = resolve_model_path(model_path)
+    config = load_config(model_dir)
+    model = load_model(model_dir, config)
+    adapter_config = apply_adapters(model, adapter_path)
+    fuse_adapters(model, dequantize=de_quantize)
+    if de_quantize:
+        dequantize_model(model)
+        config.pop("quantization", None)
+
+    weights = dict(tree_flatten(model.parameters()))
+    mx.eval(weights)
+    with atomic_directory(save_path, force) as staging:
+        save_weights(staging, weights)
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
+        for name in TOKENIZER_FILES:
+            if (model_dir / name).is_file():
+                shutil.copyfile(model_dir / name, staging / name)
+        (staging / "README.md").write_text(
+            f"# {save_path.name}\n\n{model_dir.name} with {adapter_config['fine_tune_type']} adapters from "
+            f"{Path(adapter_path).name} fused in by elm-mlx"
+            + (" (de-quantized)" if de_quantize else "")
+            + '.\n\nRun it:\n\n    python -m elm_mlx.generate --model PATH_TO_THIS_DIRECTORY --prompt "..."\n'
+        )
+    return save_path
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    p = ArgumentParser(prog="python -m elm_mlx.fuse", description="Merge fine-tuned adapters into a new model directory.")
+    p.add_argument("--model", required=True, help="the base model the adapters were trained on (directory or repo id)")
+    p.add_argument("--adapter-path", default="adapters", help="adapter directory (default: %(default)s)")
+    p.add_argument("--save-path", default="fused_model", help="new model directory (default: %(default)s)")
+    p.add_argument("--de-quantize", action="store_true", help="write float weights even if the base is quantized")
+    p.add_argument("--force", action="store_true", help="replace --save-path if it exists")
+    args = p.parse_args(argv)
+    out = fuse(args.model, Path(args.adapter_path), Path(args.save_path), args.de_quantize, args.force)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,114 @@
+"""Fine-tune from the command line.
+
+python -m elm_mlx.lora --model DIR_OR_REPO --data DATA --iters 600
+mlx.launch -n 2 -m elm_mlx.lora ...            (data parallel, one process per rank)
+"""
+
+import sys
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import List, Optional
+
+from mlx.utils import tree_flatten
+from tqdm import tqdm
+
+from ..cli import ArgumentParser
+from ..errors import ElmError
+from ..load import DTYPES, load
+from ..quantize import BITS, GROUP_SIZES
+from .adapters import ADAPTER_FILE, adapter_meta
+from .data import load_datasets
+from .layers import OPENELM_KEYS
+from .trainer import FINE_TUNE_TYPES, Interrupted, TrainingConfig, prepare_model, train
+
+
+def build_parser() -> ArgumentParser:
+    d = TrainingConfig()
+    p = ArgumentParser(prog="python -m elm_mlx.lora", description="Fine-tune an OpenELM model: LoRA, DoRA, QLoRA or all weights.")
+    p.add_argument("--model", required=True, help="base model directory or Hugging Face repo id")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="directory with train.jsonl and valid.jsonl (test.jsonl optional; .txt files also work), or one .txt file",
+    )
+    p.add_argument("--adapter-path", default="adapters", help="where adapters and checkpoints are written (default: %(default)s)")
+    p.add_argument("--fine-tune-type", choices=FINE_TUNE_TYPES, default=d.fine_tune_type, help="(default: %(default)s)")
+    p.add_argument("--num-layers", type=int, default=d.num_layers, help="adapt the last N transformer blocks, -1 for all (default: all)")
+    p.add_argument(
+        "--lora-keys",
+        nargs="+",
+        default=d.keys,
+        choices=OPENELM_KEYS,
+        metavar="KEY",
+        help=f"layers to adapt (default: {' '.join(OPENELM_KEYS)})",
+    )
+    p.add_argument("--rank", type=int, default=d.rank, help="adapter rank (default: %(default)s)")
+    p.add_argument("--alpha", type=float, default=d.alpha, help="adapter scale is alpha / rank (default: %(default)s)")
+    p.add_argument("--dropout", type=float, default=d.dropout, help="dropout on the adapter input (default: %(default)s)")
+    p.add_argument("--q-bits", type=int, choices=BITS, help="QLoRA: quantize the base model to this many bits first (cached)")
+    p.add_argument("--q-group-size", type=int, choices=GROUP_SIZES, default=64, help="quantization group size (default: %(default)s)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="convert the base model to this dtype first (cached)")
+    p.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch, over all processes (default: %(default)s)"
+    )
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step (default: %(default)s)")
+    p.add_argument("--iters", type=int, default=d.iters, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--learning-rate", type=float, default=d.learning_rate, help="peak AdamW learning rate (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="linear warmup steps (default: %(default)s)")
+    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="cosine decay ends at lr * this (default: %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default: %(default)s)")
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="clip the gradient norm to this, 0 = off (default: %(default)s)")
+    p.add_argument("--max-seq-length", type=int, default=d.max_seq_length, help="tokens per sequence (default: %(default)s)")
+    p.add_argument("--mask-prompt", action="store_true", help="train only on completions / assistant turns")
+    p.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in the backward pass to save memory")
+    p.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
+    p.add_argument("--steps-per-report", type=int, default=d.report_every, help="(default: %(default)s)")
+    p.add_argument("--steps-per-eval", type=int, default=d.eval_every, help="(default: %(default)s)")
+    p.add_argument(
+        "--val-batches", type=int, default=d.val_batches, help="validation batches per evaluation, 0 = all (default: %(default)s)"
+    )
+    p.add_argument(
+        "--save-every", type=int, default=d.save_every, help="save adapters and a checkpoint every N steps (default: %(default)s)"
+    )
+    p.add_argument("--valid-fraction", type=float, default=0.1, help="for a single .txt: the last part held out (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --adapter-path (same settings)")
+    p.add_argument("--force", action="store_true", help="replace adapters already in --adapter-path")
+    p.add_argument("--plot", nargs="?", const="", default=None, metavar="PNG", help="plot losses to PNG (default: ADAPTER_PATH/loss.png)")
+    return p
+
+
+def config_from_args(args) -> TrainingConfig:
+    renamed = {"keys": "lora_keys", "report_every": "steps_per_report", "eval_every": "steps_per_eval"}
+    return TrainingConfig(**{f.name: getattr(args, renamed.get(f.name, f.name)) for f in fields(TrainingConfig)})
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    config.check()
+    out_dir = Path(args.adapter_path)
+    if args.resume and args.force:
+        raise ElmError("--resume and --force contradict each other")
+    if (out_dir / ADAPTER_FILE).exists() and not (args.resume or args.force):
+        raise ElmError(f"{out_dir} already holds adapters; pass --resume to continue that run or --force to replace it")
+    if not 0 < args.valid_fraction < 1:
+        raise ElmError(f"--valid-fraction must be between 0 and 1, got {args.valid_fraction}")
+
+    model, tokenizer = load(args.model, dtype=args.dtype, q_bits=args.q_bits, q_group_size=args.q_group_size)
+    datasets = load_datasets(args.data, tokenizer, config.max_seq_length, config.mask_prompt, args.valid_fraction)
+    trainable = prepare_model(model, config)
+    total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    say = tqdm.write
+    say(
+        f"{config.fine_tune_type}: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%); "
+        + ", ".join(f"{k} {len(v.examples)} sequences" for k, v in datasets.items())
+    )
+    plot = None if args.plot is None else Path(args.plot or out_dir / "loss.png")
+    meta = adapter_meta(asdict(config), str(args.model))
+    meta["title"] = f"{config.fine_tune_type} on {Path(str(args.model)).name}"
+    try:
+        train(model, datasets, config, out_dir, meta, resume=args.resume, plot=plot, log=say)
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(130)
+    say(f"adapters saved to {out_dir}" + (f"; loss plot {plot}" if plot else ""))
