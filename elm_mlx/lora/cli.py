@@ -1,7 +1,7 @@
 """Fine-tune from the command line.
 
 python -m elm_mlx.lora --model DIR_OR_REPO --data DATA --iters 600
-mlx.launch -n 2 -m elm_mlx.lora ...            (data parallel, one process per rank)
+mlx.launch -n 2 -- "$(which python)" -m elm_mlx.lora ...   (data parallel, one process per rank)
 """
 
 import sys
@@ -9,6 +9,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import List, Optional
 
+import mlx.core as mx
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
@@ -98,7 +99,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     datasets = load_datasets(args.data, tokenizer, config.max_seq_length, config.mask_prompt, args.valid_fraction)
     trainable = prepare_model(model, config)
     total = sum(v.size for _, v in tree_flatten(model.parameters()))
-    say = tqdm.write
+    say = tqdm.write if mx.distributed.init().rank() == 0 else (lambda *a, **k: None)  # one voice per run
     say(
         f"{config.fine_tune_type}: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%); "
         + ", ".join(f"{k} {len(v.examples)} sequences" for k, v in datasets.items())
