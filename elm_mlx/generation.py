@@ -8,7 +8,7 @@ from typing import Generator, Iterable, Iterator, List, Optional, Sequence, Tupl
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import make_cache
+from .cache import PromptCache, make_cache
 from .errors import ElmError
 from .sample import LogitsProcessor, Sampler, SamplingParams, make_logits_processors, make_sampler
 from .tokenizer import Tokenizer
@@ -21,16 +21,18 @@ def generate_step(
     logits_processors: Sequence[LogitsProcessor] = (),
     prefill_step_size: int = 512,
     cache: Optional[list] = None,
+    context: Sequence[int] = (),
 ) -> Iterator[Tuple[int, mx.array]]:
     """Yield (token id, log-probabilities) forever; the caller decides when to stop.
 
     The prompt is prefilled in chunks of `prefill_step_size` tokens, so a long
     prompt never builds one huge attention graph. While the caller handles
-    token n, token n+1 is already being computed (mx.async_eval).
+    token n, token n+1 is already being computed (mx.async_eval). `context`
+    names tokens already in `cache` before `prompt`, for logits processors.
     """
     cache = cache if cache is not None else make_cache(model)
     tokens = mx.array(prompt, dtype=mx.uint32)
-    history = tokens  # only consulted by logits processors
+    history = mx.array([*context, *prompt], dtype=mx.uint32)  # only consulted by logits processors
 
     def step(inputs: mx.array) -> Tuple[mx.array, mx.array]:
         nonlocal history
@@ -77,6 +79,7 @@ class GenerationResponse:
     generation_tps: float
     peak_memory_gb: float
     finish_reason: Optional[str] = None
+    prompt_cached_tokens: int = 0  # prompt tokens whose keys/values came from a PromptCache
 
 
 def check_request(prompt: Union[str, Sequence[int]], max_tokens: int, prefill_step_size: int = 512) -> None:
@@ -108,8 +111,14 @@ def stream_generate(
     stop: Sequence[str] = (),
     seed: Optional[int] = None,
     prefill_step_size: int = 512,
+    prompt_cache: Optional[PromptCache] = None,
 ) -> Generator[GenerationResponse, None, None]:
-    """Generate from a prompt (text, or token ids), yielding text as it is produced."""
+    """Generate from a prompt (text, or token ids), yielding text as it is produced.
+
+    With a `prompt_cache`, the prefix this prompt shares with what the cache
+    holds is not computed again, and the cache is left holding this
+    conversation for the next call.
+    """
     sampling = sampling or SamplingParams()
     check_request(prompt, max_tokens, prefill_step_size)
     prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -117,8 +126,26 @@ def stream_generate(
     if seed is not None:
         mx.random.seed(seed)
 
+    reused = prompt_cache.reuse(prompt_ids) if prompt_cache is not None else 0
+    fed = list(prompt_ids)  # every token the model has seen, for the prompt cache
+    try:
+        yield from _stream(model, tokenizer, prompt_ids, reused, fed, max_tokens, sampling, stop, prefill_step_size, prompt_cache)
+    finally:
+        if prompt_cache is not None:
+            prompt_cache.record(fed)
+
+
+def _stream(model, tokenizer, prompt_ids, reused, fed, max_tokens, sampling, stop, prefill_step_size, prompt_cache):
     detokenizer = tokenizer.detokenizer(trim_leading_space=False)
-    steps = generate_step(prompt_ids, model, make_sampler(sampling), make_logits_processors(sampling), prefill_step_size)
+    steps = generate_step(
+        prompt_ids[reused:],
+        model,
+        make_sampler(sampling),
+        make_logits_processors(sampling),
+        prefill_step_size,
+        cache=prompt_cache.cache if prompt_cache is not None else None,
+        context=prompt_ids[:reused],
+    )
     mx.reset_peak_memory()
     start = time.perf_counter()
     first_token_time = None
@@ -135,15 +162,17 @@ def stream_generate(
             token=token,
             logprobs=logprobs,
             prompt_tokens=len(prompt_ids),
-            prompt_tps=len(prompt_ids) / prefill if prefill > 0 else 0.0,
+            prompt_tps=(len(prompt_ids) - reused) / prefill if prefill > 0 else 0.0,
             generation_tokens=n,
             # The first token comes out of the prefill; decode speed counts the rest.
             generation_tps=(n - 1) / decode if n > 1 and decode > 0 else 0.0,
             peak_memory_gb=mx.get_peak_memory() / 1e9,
             finish_reason=finish,
+            prompt_cached_tokens=reused,
         )
 
     for token, logprobs in steps:
+        fed.append(token)
         if first_token_time is None:
             first_token_time = time.perf_counter()
         if token in tokenizer.eos_ids:
