@@ -19,7 +19,7 @@ from mlx.utils import tree_flatten
 
 from .cli import ArgumentParser, run_cli
 from .files import atomic_directory, refuse_existing, save_weights
-from .load import load_config, load_model, resolve_model_path
+from .load import load_config, load_model, mlx_model_dir
 from .lora.adapters import apply_adapters
 from .lora.layers import fuse_adapters
 from .tokenizer import TOKENIZER_FILES
@@ -47,7 +47,7 @@ def dequantize_model(model: nn.Module) -> None:
 def fuse(model_path: str, adapter_path: Path, save_path: Path, de_quantize: bool = False, force: bool = False) -> Path:
     save_path = Path(save_path)
     refuse_existing(save_path, force)  # before loading anything
-    model_dir = resolve_model_path(model_path)
+    model_dir = mlx_model_dir(model_path)  # Apple's PyTorch layout is converted (and cached) first
     config = load_config(model_dir)
     model = load_model(model_dir, config)
     adapter_config = apply_adapters(model, adapter_path)
@@ -65,7 +65,7 @@ def fuse(model_path: str, adapter_path: Path, save_path: Path, de_quantize: bool
             if (model_dir / name).is_file():
                 shutil.copyfile(model_dir / name, staging / name)
         (staging / "README.md").write_text(
-            f"# {save_path.name}\n\n{model_dir.name} with {adapter_config['fine_tune_type']} adapters from "
+            f"# {save_path.name}\n\n{Path(str(model_path)).name} with {adapter_config['fine_tune_type']} adapters from "
             f"{Path(adapter_path).name} fused in by elm-mlx"
             + (" (de-quantized)" if de_quantize else "")
             + '.\n\nRun it:\n\n    python -m elm_mlx.generate --model PATH_TO_THIS_DIRECTORY --prompt "..."\n'

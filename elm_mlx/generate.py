@@ -8,6 +8,7 @@ import sys
 from typing import List, Optional
 
 from .cli import ArgumentParser, run_cli
+from .demo import DEMO_DIR, demo_notice
 from .errors import ElmError
 from .generation import check_request, print_stream, stream_generate
 from .load import DTYPES, load
@@ -28,7 +29,11 @@ def _looks_instruct(model_arg: str, tokenizer: Tokenizer) -> bool:
 def build_parser():
     defaults = SamplingParams()
     p = ArgumentParser(prog="python -m elm_mlx.generate", description="Generate text with an OpenELM model.")
-    p.add_argument("--model", required=True, help="model directory or Hugging Face repo id (e.g. mlx-community/OpenELM-270M-Instruct)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model directory or Hugging Face repo id, e.g. apple/OpenELM-270M-Instruct (default: the bundled Shakespeare demo model)",
+    )
     p.add_argument("--adapter-path", help="apply fine-tuned adapters from this directory (python -m elm_mlx.lora)")
     p.add_argument("--dtype", choices=list(DTYPES), help="convert the weights to this dtype first (cached; default: as stored)")
     p.add_argument("--q-bits", type=int, choices=BITS, help="quantize to this many bits first (cached)")
@@ -100,6 +105,9 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     if args.q_recipe and args.q_bits is None:
         raise ElmError("--q-recipe needs --q-bits")
+    if args.model is None:
+        args.model = str(DEMO_DIR)
+        print(demo_notice(), file=sys.stderr)
     model, tokenizer = load(
         args.model,
         dtype=args.dtype,

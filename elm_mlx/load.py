@@ -117,10 +117,22 @@ def cache_root() -> Path:
 
 
 def needs_conversion(model_dir: Path) -> bool:
-    """True for directories elm_mlx cannot load as they are: no safetensors, or no tokenizer."""
-    has_weights = any(model_dir.glob("*.safetensors"))
+    """True for directories elm_mlx should not load as they are: no safetensors, no tokenizer,
+    or weights written by PyTorch (Apple's layout, whose config and dtype the converter settles)."""
+    weights = sorted(model_dir.glob("*.safetensors"))
     has_tokenizer = (model_dir / "tokenizer.model").is_file() or (model_dir / "tokenizer.json").is_file()
-    return not (has_weights and has_tokenizer)
+    return not (weights and has_tokenizer) or _written_by_pytorch(weights[0])
+
+
+def _written_by_pytorch(file: Path) -> bool:
+    """transformers stamps {"format": "pt"} into safetensors metadata; MLX writers use "mlx" or nothing."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="numpy") as f:
+            return (f.metadata() or {}).get("format") == "pt"
+    except Exception:  # unreadable here: let the loader report it properly
+        return False
 
 
 def _converted_copy(
@@ -154,6 +166,27 @@ def _converted_copy(
     return target
 
 
+def mlx_model_dir(
+    path_or_repo: str,
+    dtype: Optional[str] = None,
+    q_bits: Optional[int] = None,
+    q_group_size: int = 64,
+    q_recipe: Optional[str] = None,
+) -> Path:
+    """A directory elm_mlx can load: the given one, or its converted copy in the cache.
+
+    With `dtype` or `q_bits`, or for a directory that is not MLX-ready (e.g.
+    apple/OpenELM-270M-Instruct), a converted copy is made in the cache once.
+    """
+    model_dir = resolve_model_path(path_or_repo)
+    load_config(model_dir)  # a directory that is no model at all fails here, before any conversion
+    if dtype is not None or q_bits is not None or needs_conversion(model_dir):
+        local = Path(path_or_repo).expanduser().exists()
+        name = model_dir.resolve().name if local else str(path_or_repo)
+        model_dir = _converted_copy(model_dir, name, dtype, q_bits, q_group_size, q_recipe)
+    return model_dir
+
+
 def load(
     path_or_repo: str,
     dtype: Optional[str] = None,
@@ -164,17 +197,11 @@ def load(
 ) -> Tuple[nn.Module, Tokenizer]:
     """Load a model and its tokenizer from a local directory or a Hugging Face repo id.
 
-    With `dtype` or `q_bits`, or for a directory that is not MLX-ready (e.g.
-    apple/OpenELM-270M-Instruct), a converted copy is made in the cache once.
-    `adapter_path` applies fine-tuned adapters (python -m elm_mlx.lora) on top.
+    Conversion (see mlx_model_dir) happens once and is cached. `adapter_path`
+    applies fine-tuned adapters (python -m elm_mlx.lora) on top.
     """
-    model_dir = resolve_model_path(path_or_repo)
-    config = load_config(model_dir)  # a directory that is no model at all fails here, before any conversion
-    if dtype is not None or q_bits is not None or needs_conversion(model_dir):
-        local = Path(path_or_repo).expanduser().exists()
-        name = model_dir.resolve().name if local else str(path_or_repo)
-        model_dir = _converted_copy(model_dir, name, dtype, q_bits, q_group_size, q_recipe)
-        config = load_config(model_dir)
+    model_dir = mlx_model_dir(path_or_repo, dtype, q_bits, q_group_size, q_recipe)
+    config = load_config(model_dir)
     model = load_model(model_dir, config)
     if adapter_path is not None:
         from .lora.adapters import apply_adapters

@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import mlx.core as mx
@@ -467,7 +468,9 @@ def main(argv=None) -> None:
     if not 0 < args.port < 65536:
         raise ElmError(f"--port must be in 1-65535, got {args.port}")
     model, tokenizer = load(args.model, dtype=args.dtype, q_bits=args.q_bits, adapter_path=args.adapter_path)
-    name = args.model.rstrip("/").split("/")[-1] if not args.model.count("/") == 1 else args.model
+    local = Path(args.model).expanduser()
+    name = local.resolve().name if local.exists() else args.model  # what /v1/models lists
+
     app = make_app(Engine(model, tokenizer, name), args.max_tokens_limit)
     print(f"serving {name} at http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)
     try:
