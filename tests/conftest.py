@@ -1,5 +1,11 @@
 """Fixtures: tiny OpenELM configs, model directories and tokenizers made by the tests themselves."""
 
+# elm_mlx must be imported before mlx anywhere: it loads OpenBLAS in place of the
+# wheel's reference BLAS, which only works before mlx is loaded (the split keeps
+# the import sorter from moving it).
+import elm_mlx  # noqa: F401, I001
+
+# isort: split
 import io
 import json
 import random
@@ -10,7 +16,10 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-import elm_mlx  # noqa: F401  (first, so the BLAS choice happens before mlx is imported)
+
+def pytest_report_header(config):
+    return f"elm_mlx BLAS: {elm_mlx.BLAS}"
+
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 LLAMA_TOKENIZER = SHARED / "assets" / "llama2-tokenizer.model"

@@ -106,9 +106,10 @@ def test_recorded_validation_loss_is_reproduced(cache_dir):
     assert round(loss, 2) == round(recorded["valid_loss"], 2), (loss, recorded["valid_loss"])
 
 
-# Bounds measured on this model (see the closing note of the demo-model issue and README):
-# float32 perplexity P; 8-bit within 1%; 4-bit within 10%, the mixed recipe at least as good as uniform g32.
-QUANT_BOUNDS = {"q8g64": 1.01, "q4g32": 1.10, "q4g64": 1.12, "mixed-4-6": 1.10}
+# Measured on the shipped model, first 8 validation windows (2,048 tokens): float32 44.105, 8-bit g64 44.110
+# (+0.01%), 4-bit g32 44.343 (+0.5%), 4-bit g64 44.738 (+1.4%), mixed-4-6 (g32) 44.210 (+0.2%). The bounds leave
+# room for other machines' float rounding but would catch a broken quantizer or recipe.
+QUANT_BOUNDS = {"q8g64": 1.005, "q4g32": 1.03, "q4g64": 1.05, "mixed-4-6": 1.02}
 
 
 def test_quantized_perplexity_stays_near_float(cache_dir):
@@ -122,12 +123,12 @@ def test_quantized_perplexity_stays_near_float(cache_dir):
     ppl = {}
     for name, options in variants.items():
         model, tokenizer = load(str(DEMO_DIR), **options)
-        valid, _ = validation_data(tokenizer, limit_windows=32)
-        ppl[name] = math.exp(evaluate(model, valid, batch_size=16))
-    print("validation perplexity (32 windows):", {k: round(v, 3) for k, v in ppl.items()})
+        valid, _ = validation_data(tokenizer, limit_windows=8)
+        ppl[name] = math.exp(evaluate(model, valid, batch_size=8))
+    print("validation perplexity (8 windows):", {k: round(v, 3) for k, v in ppl.items()})
     for name, bound in QUANT_BOUNDS.items():
         assert ppl[name] <= bound * ppl["float32"], (name, ppl)
-    assert ppl["mixed-4-6"] <= ppl["q4g32"] * 1.005, ppl
+    assert ppl["mixed-4-6"] < ppl["q4g32"], ppl  # more bits where OpenELM is fragile: better at about the same size
 
 
 def corpus_words() -> set:
@@ -136,8 +137,10 @@ def corpus_words() -> set:
 
 def test_quickstart_runs_offline_on_an_empty_cache(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ELM_MLX_CACHE": str(tmp_path / "cache"), "HF_HOME": str(tmp_path / "hf")}
+    # The Quickstart's command at its default sampling settings; the seed only makes the check repeatable.
+    # Over 12 seeds the share of Shakespeare's words was 89-97.5%, mean 94% (see the model's issue note).
     cmd = [sys.executable, "-m", "elm_mlx.generate", "--prompt", "ROMEO:"]
-    first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    first = subprocess.run(cmd + ["--seed", "0"], capture_output=True, text=True, env=env, timeout=600)
     assert first.returncode == 0, first.stderr
     assert "bundled demo model" in first.stderr and "apple/OpenELM" in first.stderr
     assert "converting" in first.stderr and re.search(r"generation: \d+ tokens, [\d.]+ tok/s", first.stderr)
@@ -163,7 +166,7 @@ def test_lora_on_state_union_lowers_held_out_loss(cache_dir, tmp_path):
     from elm_mlx.lora.cli import main as lora_main
 
     addresses = state_union_addresses()
-    assert len(addresses) > 50
+    assert len(addresses) > 40
     data = tmp_path / "data"
     data.mkdir()
     (data / "train.txt").write_text("\n".join(addresses[-8:-2])[:60000])

@@ -16,6 +16,7 @@ python -m elm_mlx.demo.build --corpus ../shared/corpus/tinyshakespeare.txt --out
 import io
 import json
 import math
+import os
 import platform
 import time
 from dataclasses import asdict
@@ -119,6 +120,7 @@ def write_hf_checkpoint(directory: Path, config: dict, weights: dict) -> None:
 
     arrays = {k: np.array(v.astype(mx.float16)) for k, v in weights.items()}
     save_file(arrays, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    os.chmod(directory / "model.safetensors", 0o644)  # save_file makes it private; it ships in the package
     (directory / "config.json").write_text(json.dumps(config, indent=2))
 
 
