@@ -33,7 +33,7 @@ from ..cli import ArgumentParser, run_cli
 from ..errors import ElmError
 from ..files import atomic_directory
 from ..load import build_model
-from ..lora.data import load_datasets
+from ..lora.data import holdout_start, load_datasets
 from ..lora.trainer import TrainingConfig, evaluate, plot_losses, prepare_model, train
 from ..models.openelm import layerwise_multipliers, make_divisible
 from ..tokenizer import SentencePieceTokenizer
@@ -158,7 +158,8 @@ def build(
     text = corpus.read_text(encoding="utf-8")
     config = demo_config()
     work.mkdir(parents=True, exist_ok=True)
-    tokenizer_bytes = train_tokenizer(text[: text.rfind("\n", 0, int(len(text) * (1 - VALID_FRACTION))) + 1], config["vocab_size"])
+    cut = holdout_start(text, VALID_FRACTION)  # the same split load_datasets makes below
+    tokenizer_bytes = train_tokenizer(text[:cut], config["vocab_size"])
     (work / "tokenizer.model").write_bytes(tokenizer_bytes)
     tokenizer = SentencePieceTokenizer(work / "tokenizer.model")
     datasets = load_datasets(str(corpus), tokenizer, max_seq_length, valid_fraction=VALID_FRACTION)
@@ -190,7 +191,6 @@ def build(
     model.eval()
     valid_loss = evaluate(model, datasets["valid"], batch_size)
     train_tokens = sum(len(e.tokens) - 1 for e in datasets["train"].examples)
-    cut = text.rfind("\n", 0, int(len(text) * (1 - VALID_FRACTION))) + 1
     facts = dict(
         parameters=sum(v.size for v in weights.values()),
         weights_bytes=2 * sum(v.size for v in weights.values()),

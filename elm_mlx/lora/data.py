@@ -195,7 +195,7 @@ def load_datasets(
         if path.suffix != ".txt":
             raise ElmError(f"{path}: a data file must be a .txt; JSONL data goes in a directory with train.jsonl and valid.jsonl")
         text = _read_text(path)
-        cut = text.rfind("\n", 0, int(len(text) * (1 - valid_fraction))) + 1 or int(len(text) * (1 - valid_fraction))
+        cut = holdout_start(text, valid_fraction)
         return {
             "train": _finish([_text_example(tokenizer, text[:cut], f"{path} (train part)")], True, max_seq_length, str(path)),
             "valid": _finish([_text_example(tokenizer, text[cut:], f"{path} (valid part)")], True, max_seq_length, str(path)),
@@ -211,6 +211,12 @@ def load_datasets(
         elif split != "test":
             raise ElmError(f"{path} has no {split}.jsonl (or {split}.txt)")
     return datasets
+
+
+def holdout_start(text: str, fraction: float) -> int:
+    """Where the last `fraction` of a text begins, moved back to a line start when there is one."""
+    position = int(len(text) * (1 - fraction))
+    return text.rfind("\n", 0, position) + 1 or position
 
 
 def _read_text(file: Path) -> str:
