@@ -9,6 +9,7 @@ tokens, never the history again. Commands: /reset, /system TEXT, /exit
 """
 
 import argparse
+import signal
 import sys
 from typing import List, Optional
 
@@ -77,6 +78,9 @@ def _stats(r: GenerationResponse) -> str:
 
 
 def repl(session: ChatSession, max_tokens: int, sampling: SamplingParams, stats: bool) -> None:
+    # Ctrl-C is part of this program's interface. A shell starts background jobs with SIGINT
+    # ignored, and Python then leaves it ignored; take it back.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     print(f"chatting; {HELP}", file=sys.stderr)
     while True:
         try:
