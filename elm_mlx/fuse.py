@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import List, Optional
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .cli import ArgumentParser, run_cli
@@ -22,26 +21,8 @@ from .files import atomic_directory, refuse_existing, save_weights
 from .load import load_config, load_model, mlx_model_dir
 from .lora.adapters import apply_adapters
 from .lora.layers import fuse_adapters
+from .quantize import dequantize_model
 from .tokenizer import TOKENIZER_FILES
-
-
-def dequantize_model(model: nn.Module) -> None:
-    """Replace every quantized layer by the float layer it stands for."""
-    replacements = []
-    for path, module in model.named_modules():
-        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-            dense = mx.dequantize(module.weight, module.scales, module.biases, module.group_size, module.bits, mode=module.mode)
-            dense = dense.astype(module.scales.dtype)
-            if isinstance(module, nn.QuantizedLinear):
-                layer = nn.Linear(dense.shape[1], dense.shape[0], bias="bias" in module)
-            else:
-                layer = nn.Embedding(*dense.shape)
-            layer.update({"weight": dense, **({"bias": module.bias} if "bias" in module else {})})
-            replacements.append((path, layer))
-    if replacements:
-        from mlx.utils import tree_unflatten
-
-        model.update_modules(tree_unflatten(replacements))
 
 
 def fuse(model_path: str, adapter_path: Path, save_path: Path, de_quantize: bool = False, force: bool = False) -> Path:

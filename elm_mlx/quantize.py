@@ -11,8 +11,9 @@ read back.
 import re
 from typing import Callable, Dict, Optional, Union
 
+import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import ElmError
 
@@ -98,3 +99,28 @@ def bits_per_weight(model: nn.Module) -> float:
             weights += module.weight.size
             stored_bits += module.weight.nbytes * 8
     return stored_bits / max(weights, 1)
+
+
+def dense_weight(layer: nn.Module) -> mx.array:
+    """The float weight a linear or embedding layer stands for, quantized or not."""
+    if isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        weight = mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits, mode=layer.mode)
+        return weight.astype(layer.scales.dtype)
+    return layer.weight
+
+
+def dequantize_model(model: nn.Module) -> None:
+    """Replace every quantized layer by the float layer it stands for, in place."""
+    replacements = []
+    for path, module in model.named_modules():
+        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            weight = dense_weight(module)
+            if isinstance(module, nn.QuantizedLinear):
+                layer = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
+                layer.update({"weight": weight, **({"bias": module.bias} if "bias" in module else {})})
+            else:
+                layer = nn.Embedding(*weight.shape)
+                layer.weight = weight
+            replacements.append((path, layer))
+    if replacements:
+        model.update_modules(tree_unflatten(replacements))

@@ -157,6 +157,7 @@ def test_disconnect_mid_stream_stops_generation_and_others_continue(server, clie
 
 
 def _post(url: str, body: bytes):
+    """A raw POST to the test server on loopback (no network): lets a test send bodies the openai client would refuse."""
     request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request) as r:

@@ -251,7 +251,7 @@ class Batches:
         return self._groups[rng.permutation(self.per_epoch)[i]]
 
     def batch(self, k: int, part: int = 0, parts: int = 1):
-        """Micro-batch k, or this process's share of it (rows part::parts of the batch, contiguous)."""
+        """Micro-batch k, or this process's share of it (its contiguous slice: part of parts)."""
         rows = self.rows(k)
         share = len(rows) // parts
         return collate([self.dataset.examples[r] for r in rows[part * share : (part + 1) * share]], self.pad_multiple)

@@ -22,16 +22,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import ElmError
+from ..quantize import dense_weight
 
 # The linear layers of an OpenELM block, by the name they have in the checkpoints.
 OPENELM_KEYS = ("qkv_proj", "out_proj", "proj_1", "proj_2")
-
-
-def _dense_weight(layer: nn.Module) -> mx.array:
-    """The (out, in) weight of a float or quantized linear layer, as floats."""
-    if isinstance(layer, nn.QuantizedLinear):
-        return mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits, mode=layer.mode)
-    return layer.weight
 
 
 def _shape(layer: nn.Module):
@@ -73,17 +67,17 @@ class LoRALinear(nn.Module):
         return self.base(x) + (self.scale * update).astype(x.dtype)
 
     def fuse(self, dequantize: bool = False) -> nn.Module:
-        weight = _dense_weight(self.base)
+        weight = dense_weight(self.base)
         return _dense_like(self.base, weight + self.delta().astype(weight.dtype), dequantize)
 
 
 class DoRALinear(LoRALinear):
     def __init__(self, base: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0):
         super().__init__(base, rank, alpha, dropout)
-        self.magnitude = mx.linalg.norm(_dense_weight(base).astype(mx.float32), axis=1)
+        self.magnitude = mx.linalg.norm(dense_weight(base).astype(mx.float32), axis=1)
 
     def _adapted_weight(self) -> mx.array:
-        return _dense_weight(self.base).astype(mx.float32) + self.delta()
+        return dense_weight(self.base).astype(mx.float32) + self.delta()
 
     def __call__(self, x: mx.array) -> mx.array:
         norm = mx.stop_gradient(mx.linalg.norm(self._adapted_weight(), axis=1))
