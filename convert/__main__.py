@@ -10,7 +10,7 @@ from pathlib import Path
 import elm_mlx  # noqa: F401  (selects the BLAS before mlx loads)
 from elm_mlx.cli import ArgumentParser, run_cli
 from elm_mlx.errors import ElmError
-from elm_mlx.load import DTYPES
+from elm_mlx.dtypes import DTYPES
 from elm_mlx.models.openelm import CORENET_SIZES
 from elm_mlx.quantize import BITS, GROUP_SIZES, RECIPES
 

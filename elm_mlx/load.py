@@ -21,15 +21,12 @@ from typing import Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
+from .dtypes import DTYPES  # noqa: F401  (re-exported: the CLIs take their --dtype choices from here)
 from .errors import ConfigError, ElmError
 from .files import read_safetensors
 from .hub import looks_like_repo_id, snapshot
 from .models import architecture
 from .tokenizer import Tokenizer, load_tokenizer
-
-# Weight dtypes a model can be converted to.
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-
 
 def resolve_model_path(path_or_repo: str) -> Path:
     """A local directory as is; a hub id ('org/name') downloaded into (or found in) the HF cache."""
@@ -138,7 +135,11 @@ def _written_by_pytorch(file: Path) -> bool:
 def _converted_copy(
     model_dir: Path, name: str, dtype: Optional[str], q_bits: Optional[int], q_group_size: int, q_recipe: Optional[str]
 ) -> Path:
-    """Convert once into the cache; the key covers the source's files and every option."""
+    """Convert once into the cache; the key covers the source's files and every option.
+
+    The one place elm_mlx uses the converter, imported here and not at module
+    level: convert depends on elm_mlx, never the other way round at import time.
+    """
     from convert.pipeline import convert_checkpoint
 
     if dtype is None:  # float32 is by far the fastest on MLX's CPU backend
