@@ -1,7 +1,10 @@
 """The one exception type for mistakes a user can fix (bad path, bad config, bad option).
 
-Command-line entry points print these as a single line instead of a traceback;
-anything else escaping is a bug in elm-mlx and keeps its traceback.
+Command-line entry points (elm_mlx.cli.run_cli) print these as one `error: ...`
+line. The OSErrors users cause (missing paths, full disks, read-only
+directories) get one line too; anything else escaping is a bug in elm-mlx and
+is printed as one `internal error: ...` line, with its traceback only under
+ELM_DEBUG=1.
 """
 
 
