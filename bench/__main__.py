@@ -17,7 +17,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 import elm_mlx
-from elm_mlx.cli import ArgumentParser, run_cli
+from elm_mlx.cli import ArgumentParser, check_output_path, int_at_least, positive_int, run_cli
 from elm_mlx.errors import ElmError
 from elm_mlx.files import atomic_directory
 from elm_mlx.generation import generate_step
@@ -52,9 +52,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--dtypes", nargs="+", choices=[*DTYPES, *QUANTIZED], help="weight formats (default: float32 on a CPU-only MLX, else float16)"
     )
-    p.add_argument("--prompt-lengths", nargs="+", type=int, default=None, help="prompt lengths for prompt processing (default: 128 1024)")
-    p.add_argument("--gen-tokens", type=int, default=None, help="tokens generated per trial, EOS ignored (default: 128)")
-    p.add_argument("--trials", type=int, default=None, help="timed trials after one warm-up (default: 3)")
+    p.add_argument(
+        "--prompt-lengths", nargs="+", type=int_at_least(2), default=None, help="prompt lengths for prompt processing (default: 128 1024)"
+    )
+    p.add_argument("--gen-tokens", type=positive_int, default=None, help="tokens generated per trial, EOS ignored (default: 128)")
+    p.add_argument("--trials", type=positive_int, default=None, help="timed trials after one warm-up (default: 3)")
     p.add_argument("--no-peer", action="store_true", help="skip the mlx-lm comparison")
     p.add_argument("--no-ablation", action="store_true", help="skip the naive-norm runs")
     p.add_argument("--quick", action="store_true", help="tiny shapes and short runs, for a smoke test")
@@ -127,21 +129,32 @@ def step_factory(variant: str, model, sampler):
     return lambda prompt: generate_step(prompt, model, sampler, prefill_step_size=512)
 
 
+def check_fits_context(name: str, config: dict, tokens: int) -> None:
+    """Refuse prompt + generated lengths the model was not built for (and memory would not hold)."""
+    limit = config.get("max_context_length") or config.get("max_position_embeddings")
+    if isinstance(limit, int) and tokens > limit:
+        raise ElmError(f"{name}: the longest prompt plus --gen-tokens is {tokens} tokens, above its context length {limit}")
+
+
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     quick = args.quick
-    prompt_lengths = args.prompt_lengths or ([64] if quick else [128, 1024])
-    gen_tokens = args.gen_tokens or (16 if quick else 128)
-    trials = args.trials or (2 if quick else 3)
-    if min(prompt_lengths) < 2 or gen_tokens < 1 or trials < 1:
-        raise ElmError("--prompt-lengths must be >= 2, --gen-tokens and --trials >= 1")
+    # Ranges are checked by the parser; None (not 0) means "the default".
+    prompt_lengths = args.prompt_lengths if args.prompt_lengths is not None else ([64] if quick else [128, 1024])
+    gen_tokens = args.gen_tokens if args.gen_tokens is not None else (16 if quick else 128)
+    trials = args.trials if args.trials is not None else (2 if quick else 3)
     dtypes = args.dtypes or ["float32" if mx.default_device() == mx.cpu else "float16"]
     shapes = args.models if args.models is not None else ([] if args.model else (QUICK_MODELS if quick else DEFAULT_MODELS))
     cases = [(name, shape_config(name), None) for name in shapes]
     for path in args.model:
         model_dir = resolve_model_path(path)
         cases.append((model_dir.name if Path(path).exists() else path, load_config(model_dir), model_dir))
+    for name, config, _ in cases:
+        check_fits_context(name, config, max(prompt_lengths) + gen_tokens)
     out = args.out or Path("bench-results") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    if out.exists() and not args.force:
+        raise ElmError(f"{out} already exists; pass --force to replace it")
+    check_output_path(out, "--out")  # before minutes of measuring
 
     with atomic_directory(out, args.force) as staging:
         print("measuring memory bandwidth ...", file=sys.stderr)

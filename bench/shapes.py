@@ -29,6 +29,7 @@ OPENELM_TINY = {
     "num_kv_heads": [1, 1, 2, 2],
     "ffn_multipliers": [0.5, 1.0, 1.5, 2.0],
     "ffn_dim_divisor": 64,
+    "max_context_length": 2048,
 }
 OLMO_TINY = {
     **OLMO_1B,
