@@ -16,7 +16,7 @@ from typing import List, Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .cli import ArgumentParser, run_cli
+from .cli import ArgumentParser, check_output_path, run_cli
 from .files import atomic_directory, refuse_existing, save_weights
 from .load import load_config, load_model, mlx_model_dir
 from .lora.adapters import apply_adapters
@@ -28,6 +28,7 @@ from .tokenizer import TOKENIZER_FILES
 def fuse(model_path: str, adapter_path: Path, save_path: Path, de_quantize: bool = False, force: bool = False) -> Path:
     save_path = Path(save_path)
     refuse_existing(save_path, force)  # before loading anything
+    check_output_path(save_path, "--save-path")
     model_dir = mlx_model_dir(model_path)  # Apple's PyTorch layout is converted (and cached) first
     config = load_config(model_dir)
     model = load_model(model_dir, config)

@@ -13,7 +13,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
-from ..cli import ArgumentParser
+from ..cli import SEED, ArgumentParser, check_output_path, float_in, int_at_least, non_negative_int, positive_int
 from ..errors import ElmError
 from ..load import DTYPES, load
 from ..quantize import BITS, GROUP_SIZES
@@ -34,7 +34,7 @@ def build_parser() -> ArgumentParser:
     )
     p.add_argument("--adapter-path", default="adapters", help="where adapters and checkpoints are written (default: %(default)s)")
     p.add_argument("--fine-tune-type", choices=FINE_TUNE_TYPES, default=d.fine_tune_type, help="(default: %(default)s)")
-    p.add_argument("--num-layers", type=int, default=d.num_layers, help="adapt the last N transformer blocks, -1 for all (default: all)")
+    p.add_argument("--num-layers", type=int_at_least(-1), default=d.num_layers, help="adapt the last N transformer blocks, -1 for all (default: all)")
     p.add_argument(
         "--lora-keys",
         nargs="+",
@@ -43,35 +43,35 @@ def build_parser() -> ArgumentParser:
         metavar="KEY",
         help=f"layers to adapt (default: {' '.join(OPENELM_KEYS)})",
     )
-    p.add_argument("--rank", type=int, default=d.rank, help="adapter rank (default: %(default)s)")
-    p.add_argument("--alpha", type=float, default=d.alpha, help="adapter scale is alpha / rank (default: %(default)s)")
-    p.add_argument("--dropout", type=float, default=d.dropout, help="dropout on the adapter input (default: %(default)s)")
+    p.add_argument("--rank", type=positive_int, default=d.rank, help="adapter rank (default: %(default)s)")
+    p.add_argument("--alpha", type=float_in(0, low_open=True), default=d.alpha, help="adapter scale is alpha / rank (default: %(default)s)")
+    p.add_argument("--dropout", type=float_in(0, 1, high_open=True), default=d.dropout, help="dropout on the adapter input (default: %(default)s)")
     p.add_argument("--q-bits", type=int, choices=BITS, help="QLoRA: quantize the base model to this many bits first (cached)")
     p.add_argument("--q-group-size", type=int, choices=GROUP_SIZES, default=64, help="quantization group size (default: %(default)s)")
     p.add_argument("--dtype", choices=list(DTYPES), help="convert the base model to this dtype first (cached)")
     p.add_argument(
-        "--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch, over all processes (default: %(default)s)"
+        "--batch-size", type=positive_int, default=d.batch_size, help="sequences per micro-batch, over all processes (default: %(default)s)"
     )
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step (default: %(default)s)")
-    p.add_argument("--iters", type=int, default=d.iters, help="optimizer steps (default: %(default)s)")
-    p.add_argument("--learning-rate", type=float, default=d.learning_rate, help="peak AdamW learning rate (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="linear warmup steps (default: %(default)s)")
-    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="cosine decay ends at lr * this (default: %(default)s)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default: %(default)s)")
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="clip the gradient norm to this, 0 = off (default: %(default)s)")
-    p.add_argument("--max-seq-length", type=int, default=d.max_seq_length, help="tokens per sequence (default: %(default)s)")
+    p.add_argument("--grad-accum", type=positive_int, default=d.grad_accum, help="micro-batches per optimizer step (default: %(default)s)")
+    p.add_argument("--iters", type=positive_int, default=d.iters, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--learning-rate", type=float_in(0, low_open=True), default=d.learning_rate, help="peak AdamW learning rate (default: %(default)s)")
+    p.add_argument("--warmup", type=non_negative_int, default=d.warmup, help="linear warmup steps (default: %(default)s)")
+    p.add_argument("--min-lr-ratio", type=float_in(0, 1), default=d.min_lr_ratio, help="cosine decay ends at lr * this (default: %(default)s)")
+    p.add_argument("--weight-decay", type=float_in(0), default=d.weight_decay, help="AdamW weight decay (default: %(default)s)")
+    p.add_argument("--grad-clip", type=float_in(0), default=d.grad_clip, help="clip the gradient norm to this, 0 = off (default: %(default)s)")
+    p.add_argument("--max-seq-length", type=int_at_least(2), default=d.max_seq_length, help="tokens per sequence (default: %(default)s)")
     p.add_argument("--mask-prompt", action="store_true", help="train only on completions / assistant turns")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in the backward pass to save memory")
-    p.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
-    p.add_argument("--steps-per-report", type=int, default=d.report_every, help="(default: %(default)s)")
-    p.add_argument("--steps-per-eval", type=int, default=d.eval_every, help="(default: %(default)s)")
+    p.add_argument("--seed", type=SEED, default=d.seed, help="(default: %(default)s)")
+    p.add_argument("--steps-per-report", type=positive_int, default=d.report_every, help="(default: %(default)s)")
+    p.add_argument("--steps-per-eval", type=positive_int, default=d.eval_every, help="(default: %(default)s)")
     p.add_argument(
-        "--val-batches", type=int, default=d.val_batches, help="validation batches per evaluation, 0 = all (default: %(default)s)"
+        "--val-batches", type=non_negative_int, default=d.val_batches, help="validation batches per evaluation, 0 = all (default: %(default)s)"
     )
     p.add_argument(
-        "--save-every", type=int, default=d.save_every, help="save adapters and a checkpoint every N steps (default: %(default)s)"
+        "--save-every", type=positive_int, default=d.save_every, help="save adapters and a checkpoint every N steps (default: %(default)s)"
     )
-    p.add_argument("--valid-fraction", type=float, default=0.1, help="for a single .txt: the last part held out (default: %(default)s)")
+    p.add_argument("--valid-fraction", type=float_in(0, 1, low_open=True, high_open=True), default=0.1, help="for a single .txt: the last part held out (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --adapter-path (same settings)")
     p.add_argument("--force", action="store_true", help="replace adapters already in --adapter-path")
     p.add_argument("--plot", nargs="?", const="", default=None, metavar="PNG", help="plot losses to PNG (default: ADAPTER_PATH/loss.png)")
@@ -83,6 +83,13 @@ def config_from_args(args) -> TrainingConfig:
     return TrainingConfig(**{f.name: getattr(args, renamed.get(f.name, f.name)) for f in fields(TrainingConfig)})
 
 
+def check_outputs(out_dir: Path, plot: Optional[str]) -> None:
+    """Training can take hours; an unwritable --adapter-path or --plot must fail before it starts."""
+    check_output_path(out_dir, "--adapter-path")
+    if plot:
+        check_output_path(plot, "--plot", directory=False)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
@@ -92,8 +99,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         raise ElmError("--resume and --force contradict each other")
     if (out_dir / ADAPTER_FILE).exists() and not (args.resume or args.force):
         raise ElmError(f"{out_dir} already holds adapters; pass --resume to continue that run or --force to replace it")
-    if not 0 < args.valid_fraction < 1:
-        raise ElmError(f"--valid-fraction must be between 0 and 1, got {args.valid_fraction}")
+    check_outputs(out_dir, args.plot)
 
     model, tokenizer = load(args.model, dtype=args.dtype, q_bits=args.q_bits, q_group_size=args.q_group_size)
     datasets = load_datasets(args.data, tokenizer, config.max_seq_length, config.mask_prompt, args.valid_fraction)

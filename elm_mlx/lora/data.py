@@ -50,6 +50,15 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+def _encode(tokenizer: Tokenizer, text: str) -> List[int]:
+    """Token ids of `text`, refusing strings that are not Unicode text (JSON allows lone surrogate escapes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ElmError(f"the text holds {text[e.start]!r}, a lone surrogate that is not valid Unicode (an escape like \\ud800?)") from None
+    return tokenizer.encode(text)
+
+
 def _with_eos(tokenizer: Tokenizer, ids: List[int]) -> List[int]:
     eos = min(tokenizer.eos_ids) if tokenizer.eos_ids else None
     return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
@@ -63,14 +72,14 @@ def _segments_example(tokenizer: Tokenizer, segments: List[Tuple[str, bool]], ad
     belongs to the earlier segment.
     """
     full_text = "".join(text for text, _ in segments)
-    tokens = tokenizer.encode(full_text)
+    tokens = _encode(tokenizer, full_text)
     if add_eos:
         tokens = _with_eos(tokenizer, tokens)
     weights = [0] * len(tokens)
     start, prefix = 0, ""
     for i, (text, trained) in enumerate(segments):
         prefix += text
-        end = len(tokens) if i == len(segments) - 1 else _common_prefix(tokenizer.encode(prefix), tokens)
+        end = len(tokens) if i == len(segments) - 1 else _common_prefix(_encode(tokenizer, prefix), tokens)
         if trained:
             weights[start:end] = [1] * (end - start)
         start = max(start, end)
@@ -104,6 +113,9 @@ def parse_line(tokenizer: Tokenizer, record, mask_prompt: bool) -> Tuple[Example
         messages = record["messages"]
         if not isinstance(messages, list) or not messages:
             raise ElmError("'messages' must be a non-empty list")
+        for m in messages:
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise ElmError("each message must be an object with string 'role' and 'content'")
         if mask_prompt and not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
             raise ElmError("no assistant message to train on (--mask-prompt trains only on assistant turns)")
         return _segments_example(tokenizer, _chat_segments(tokenizer, messages, mask_prompt), add_eos=False), False
@@ -118,25 +130,26 @@ def parse_line(tokenizer: Tokenizer, record, mask_prompt: bool) -> Tuple[Example
         text = record["text"]
         if not isinstance(text, str) or not text.strip():
             raise ElmError("'text' must be a non-empty string")
-        tokens = _with_eos(tokenizer, tokenizer.encode(text))
+        tokens = _with_eos(tokenizer, _encode(tokenizer, text))
         return Example(tokens, [1] * len(tokens)), True
     raise ElmError(f"none of the known formats (keys 'text', 'prompt'+'completion' or 'messages'); got keys {sorted(record)}")
 
 
 def _read_jsonl(file: Path, tokenizer: Tokenizer, mask_prompt: bool) -> Tuple[List[Example], bool]:
     examples, kinds = [], set()
-    with open(file, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                example, is_text = parse_line(tokenizer, json.loads(line), mask_prompt)
-            except json.JSONDecodeError as e:
-                raise ElmError(f"{file}:{number}: not valid JSON ({e.msg})") from None
-            except ElmError as e:
-                raise ElmError(f"{file}:{number}: {e}") from None
-            examples.append(example)
-            kinds.add(is_text)
+    for number, line in enumerate(_read_text(file).split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            example, is_text = parse_line(tokenizer, json.loads(line), mask_prompt)
+        except json.JSONDecodeError as e:
+            raise ElmError(f"{file}:{number}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise ElmError(f"{file}:{number}: JSON nested too deeply") from None
+        except ElmError as e:
+            raise ElmError(f"{file}:{number}: {e}") from None
+        examples.append(example)
+        kinds.add(is_text)
     if not examples:
         raise ElmError(f"{file} is empty")
     return examples, kinds == {True}
@@ -145,7 +158,7 @@ def _read_jsonl(file: Path, tokenizer: Tokenizer, mask_prompt: bool) -> Tuple[Li
 def _text_example(tokenizer: Tokenizer, text: str, source: str) -> Example:
     if not text.strip():
         raise ElmError(f"{source} is empty")
-    tokens = _with_eos(tokenizer, tokenizer.encode(text))
+    tokens = _with_eos(tokenizer, _encode(tokenizer, text))
     return Example(tokens, [1] * len(tokens))
 
 

@@ -32,12 +32,11 @@ from tqdm import tqdm
 
 from ..errors import ElmError
 from ..files import atomic_directory
-from .adapters import ADAPTER_FILE, CONFIG_FILE
+from .adapters import ADAPTER_FILE, CONFIG_FILE, FINE_TUNE_TYPES
 from .data import Batches, Dataset, eval_batches
 from .layers import OPENELM_KEYS, add_adapters
 
 CHECKPOINT_DIR = "checkpoint"
-FINE_TUNE_TYPES = ("lora", "dora", "full")
 
 
 @dataclass
@@ -74,8 +73,16 @@ class TrainingConfig:
         for name in ("batch_size", "grad_accum", "iters", "max_seq_length", "report_every", "eval_every", "save_every"):
             if getattr(self, name) < 1:
                 raise ElmError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if not self.learning_rate > 0:
-            raise ElmError(f"--learning-rate must be positive, got {self.learning_rate}")
+        for name in ("learning_rate", "alpha"):
+            if not 0 < getattr(self, name) < math.inf:  # NaN fails this too
+                raise ElmError(f"--{name.replace('_', '-')} must be a positive number, got {getattr(self, name)}")
+        for name, high in (("min_lr_ratio", 1.0), ("weight_decay", math.inf), ("grad_clip", math.inf), ("dropout", 1.0)):
+            if not 0 <= getattr(self, name) <= high or not math.isfinite(getattr(self, name)):
+                raise ElmError(f"--{name.replace('_', '-')} must be a finite number in [0, {high}], got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**32:
+            raise ElmError(f"--seed must be in [0, 2**32), got {self.seed}")
+        if self.val_batches < 0:
+            raise ElmError(f"--val-batches must be >= 0, got {self.val_batches}")
         if self.warmup < 0 or self.warmup >= self.iters:
             raise ElmError(f"--warmup must be in [0, --iters), got {self.warmup}")
 
@@ -163,16 +170,22 @@ def adapter_weights(model: nn.Module) -> Dict[str, mx.array]:
     return dict(tree_flatten(model.trainable_parameters()))
 
 
+def _replace_atomically(path: Path, temporary: Path, write) -> None:
+    """write(temporary), then rename it over `path`; a failed write (full disk) leaves no temporary behind."""
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
 def _write_json(path: Path, data: dict) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data, indent=2))
-    os.replace(temporary, path)
+    _replace_atomically(path, path.with_name(f".{path.name}.tmp"), lambda t: t.write_text(json.dumps(data, indent=2)))
 
 
 def _save_safetensors(path: Path, arrays: Dict[str, mx.array]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp.safetensors")
-    mx.save_safetensors(str(temporary), arrays)
-    os.replace(temporary, path)
+    _replace_atomically(path, path.with_name(f".{path.name}.tmp.safetensors"), lambda t: mx.save_safetensors(str(t), arrays))
 
 
 def save(out_dir: Path, model: nn.Module, optimizer: optim.Optimizer, state: TrainingState, meta: dict) -> None:
@@ -195,7 +208,15 @@ def load_checkpoint(out_dir: Path, model: nn.Module, optimizer: optim.Optimizer,
     checkpoint = out_dir / CHECKPOINT_DIR
     if not (checkpoint / "state.json").is_file():
         raise ElmError(f"--resume: {out_dir} has no training checkpoint to resume from")
-    saved = json.loads((checkpoint / CONFIG_FILE).read_text())["training"]
+    try:
+        return _read_checkpoint(checkpoint, model, optimizer, config)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:  # JSON and UTF-8 errors are ValueErrors
+        detail = " ".join(str(e).split())[:200]
+        raise ElmError(f"--resume: the checkpoint in {checkpoint} is damaged ({type(e).__name__}: {detail}); start over with --force") from None
+
+
+def _read_checkpoint(checkpoint: Path, model: nn.Module, optimizer: optim.Optimizer, config: TrainingConfig) -> TrainingState:
+    saved = json.loads((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))["training"]
     now = asdict(config)
     changed = [k for k in now if k not in TrainingConfig.RESUMABLE_CHANGES and saved.get(k) != now[k]]
     if changed:
@@ -203,7 +224,7 @@ def load_checkpoint(out_dir: Path, model: nn.Module, optimizer: optim.Optimizer,
         raise ElmError(f"--resume needs the settings of the interrupted run: {details}")
     model.load_weights(list(mx.load(str(checkpoint / ADAPTER_FILE)).items()), strict=False)
     optimizer.state = tree_unflatten(list(mx.load(str(checkpoint / "optimizer.safetensors")).items()))
-    state = TrainingState(**json.loads((checkpoint / "state.json").read_text()))
+    state = TrainingState(**json.loads((checkpoint / "state.json").read_text(encoding="utf-8")))
     state.train_losses = [tuple(x) for x in state.train_losses]
     state.val_losses = [tuple(x) for x in state.val_losses]
     return state
@@ -232,10 +253,10 @@ def plot_losses(state: TrainingState, file: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    temporary = file.with_name(f".{file.stem}.tmp.png")
-    fig.savefig(temporary, dpi=120)
-    plt.close(fig)
-    os.replace(temporary, file)
+    try:
+        _replace_atomically(file, file.with_name(f".{file.stem}.tmp.png"), lambda t: fig.savefig(t, dpi=120))
+    finally:
+        plt.close(fig)
 
 
 # --------------------------------------------------------------------------
