@@ -69,7 +69,8 @@ def convert_checkpoint(
     """
     start = time.perf_counter()
     mlx_path = Path(mlx_path)
-    refuse_existing(mlx_path, force)  # before any slow work
+    named = _named_paths(source, tokenizer, corenet_config)
+    refuse_existing(mlx_path, force, named)  # before any slow work
     if quantize:
         check_options(q_bits, q_group_size, q_recipe)
     if dtype is not None and dtype not in DTYPES:
@@ -98,13 +99,19 @@ def convert_checkpoint(
         mx.eval(output[key])
     del weights, checkpoint.weights
 
-    with atomic_directory(mlx_path, force) as staging:
+    keep = named + checkpoint.sources + list(tokenizer_files.values())
+    with atomic_directory(mlx_path, force, keep) as staging:
         save_weights(staging, output, max_shard_bytes)
         (staging / "config.json").write_text(json.dumps(config, indent=2))
         install_tokenizer(tokenizer_files, staging, checkpoint.name)
         (staging / "README.md").write_text(_model_card(checkpoint.name, checkpoint.origin, parameters, dtype, quant_text))
     written = sum(f.stat().st_size for f in mlx_path.iterdir())
     return ConversionSummary(mlx_path, parameters, written, dtype, quant_text, time.perf_counter() - start, mx.get_peak_memory() / 1e6)
+
+
+def _named_paths(*options) -> list:
+    """The local paths among the user's options: --force must never replace them or a folder holding them."""
+    return [Path(o).expanduser() for o in options if o is not None and Path(o).expanduser().exists()]
 
 
 def _model_card(name: str, origin: str, parameters: int, dtype: str, quantization: str) -> str:

@@ -1,50 +1,173 @@
-"""Writing model directories safely: all or nothing, never over an existing one unless asked."""
+"""Writing model directories safely, and reading the files of a source without leaving it.
+
+Outputs are all or nothing and never replace an existing directory unless
+asked; even then (--force) only one that is itself an earlier elm-mlx output.
+Files read or copied from a source directory must lie inside it.
+"""
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator
+from typing import Dict, Iterable, Iterator, Optional
 
 import mlx.core as mx
 
 from .errors import ElmError
 
+# Every name elm-mlx writes into a directory it makes: model directories (convert, fuse, the demo
+# build), LoRA training checkpoints and bench results. --force replaces a directory only if it holds
+# nothing but these (plain files, no links, no folders) and one of OUTPUT_MARKERS.
+OUTPUT_FILES = frozenset(
+    {
+        "config.json", "README.md", "model.safetensors", "model.safetensors.index.json",
+        "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+        "training.json", "loss.png",
+        "adapters.safetensors", "adapter_config.json", "optimizer.safetensors", "state.json",
+        "results.json", "results.md", "tps_by_size.png", "ablation.png",
+    }
+)  # fmt: skip
+OUTPUT_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+OUTPUT_MARKERS = ("config.json", "adapter_config.json", "results.json")
+MAX_OUTPUT_ENTRIES = 10_000  # far more than any output of ours; bounds the look at a foreign directory
 
-def refuse_existing(path: Path, force: bool) -> None:
-    if path.exists() and not force:
+
+def refuse_existing(path: Path, force: bool, keep: Iterable[Path] = ()) -> None:
+    """Refuse an existing `path`, or with force one that is not an earlier output of ours.
+
+    `keep` names what the new output is made from (its sources): never replaced, nor any folder holding them.
+    """
+    path = Path(path)
+    if not os.path.lexists(path):
+        return
+    if not force:
         raise ElmError(f"{path} already exists; pass --force to replace it")
+    reason = _not_replaceable(path, keep)
+    if reason:
+        raise ElmError(f"--force will not replace {path}: {reason}")
+
+
+def _not_replaceable(path: Path, keep: Iterable[Path]) -> Optional[str]:
+    """Why `path` is no earlier output of ours to replace, or None when it is one."""
+    if path.is_symlink():
+        return "it is a symbolic link"
+    if not path.is_dir():
+        return "it is not a directory"
+    real = path.resolve()
+    cwd = Path.cwd().resolve()
+    if real == Path(real.anchor) or real == Path.home().resolve():
+        return "it is the root or home directory"
+    if real == cwd or real in cwd.parents:
+        return "it is (or holds) the current directory"
+    for source in keep:
+        source = Path(source).expanduser().resolve()
+        if real == source or real in source.parents:
+            return f"it is (or holds) the source {source}"
+    names = []
+    with os.scandir(path) as entries:
+        for entry in entries:
+            if len(names) >= MAX_OUTPUT_ENTRIES:
+                return "it holds more files than any elm-mlx output"
+            known = entry.name in OUTPUT_FILES or OUTPUT_SHARD.fullmatch(entry.name)
+            if not (known and entry.is_file(follow_symlinks=False)):
+                return f"it holds {entry.name!r}, which is not an elm-mlx output file (remove it yourself if that is intended)"
+            names.append(entry.name)
+    if names and not any(marker in names for marker in OUTPUT_MARKERS):
+        return f"it holds none of {', '.join(OUTPUT_MARKERS)}, so it is no elm-mlx output"
+    return None
 
 
 @contextmanager
-def atomic_directory(path: Path, force: bool = False) -> Iterator[Path]:
+def atomic_directory(path: Path, force: bool = False, keep: Iterable[Path] = ()) -> Iterator[Path]:
     """Yield a temporary sibling of `path` to fill; it becomes `path` only if the block succeeds.
 
     On any error the temporary directory is removed and `path` is untouched.
-    With force, an existing `path` is replaced only after the new one is complete.
+    With force, an existing earlier output (see refuse_existing) is swapped
+    out only once the new one is complete: old renamed aside, new renamed in,
+    then old removed. OSErrors become one-line ElmErrors naming `path`.
     """
-    path = Path(path)
-    refuse_existing(path, force)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    shown, path, keep = Path(path), Path(os.path.abspath(path)), list(keep)
+    refuse_existing(shown, force, keep)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    except OSError as e:
+        raise ElmError(f"cannot write {shown}: {e.strerror or e}") from None
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any mkdir
     try:
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any mkdir
         yield staging
-        refuse_existing(path, force)  # something may have appeared meanwhile
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(staging, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        refuse_existing(shown, force, keep)  # something may have appeared, or changed, meanwhile
+        _swap_in(staging, path)
+    except OSError as e:
+        raise ElmError(f"writing {shown} failed: {e.strerror or e}" + (f" ({e.filename})" if e.filename else "")) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already when the swap succeeded
+
+
+def _swap_in(staging: Path, path: Path) -> None:
+    """Rename `staging` to `path`; an existing `path` is set aside first, restored if the rename fails."""
+    if not os.path.lexists(path):
+        os.replace(staging, path)
+        return
+    holder = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+    old = holder / path.name
+    os.replace(path, old)
+    try:
+        os.replace(staging, path)
+    except OSError:
+        os.replace(old, path)
         raise
+    shutil.rmtree(holder, ignore_errors=True)
+
+
+def source_root(directory: Path) -> Path:
+    """The folder a source directory's files may resolve into: the directory itself, or for a
+    Hugging Face cache snapshot (<repo>/snapshots/<revision>) its repo folder, whose blobs/ they link to."""
+    directory = Path(directory).resolve()
+    repo = directory.parent.parent
+    if directory.parent.name == "snapshots" and (repo / "blobs").is_dir():
+        return repo
+    return directory
+
+
+def file_in_source(directory: Path, name: str, what: str = "file") -> Path:
+    """directory/name, refused unless `name` is a plain file name and the file, links resolved, lies in the source."""
+    directory = Path(directory)
+    if not isinstance(name, str) or not name or name in (".", "..") or Path(name).name != name or "\\" in name:
+        raise ElmError(f"{what} {name!r} in {directory} is not a plain file name inside that directory")
+    file = directory / name
+    if os.path.lexists(file) and not file.resolve().is_relative_to(source_root(directory)):
+        raise ElmError(f"{what} {file} links to {file.resolve()}, outside {directory}; refusing to read it")
+    return file
+
+
+def read_small_file(file: Path, limit: int, what: str = "file") -> bytes:
+    """The bytes of `file`, refused (without reading it all) when it is larger than `limit`."""
+    try:
+        with open(file, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise ElmError(f"cannot read {what} {file}: {e.strerror or e}") from None
+    if len(data) > limit:
+        raise ElmError(f"{what} {file} is larger than {limit / (1 << 20):g} MiB; refusing to read it")
+    return data
+
+
+def read_json_object(file: Path, limit: int, what: str = "file") -> dict:
+    """A small JSON file holding an object, or a one-line ElmError saying what is wrong with it."""
+    data = read_small_file(file, limit, what)
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and invalid UTF-8 are ValueErrors
+        raise ElmError(f"{what} {file} is not valid JSON ({str(e)[:200]})") from None
+    if not isinstance(value, dict):
+        raise ElmError(f"{what} {file} must hold a JSON object, not {type(value).__name__}")
+    return value
 
 
 def read_safetensors(file: Path) -> Dict[str, mx.array]:
