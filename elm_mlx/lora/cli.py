@@ -34,7 +34,9 @@ def build_parser() -> ArgumentParser:
     )
     p.add_argument("--adapter-path", default="adapters", help="where adapters and checkpoints are written (default: %(default)s)")
     p.add_argument("--fine-tune-type", choices=FINE_TUNE_TYPES, default=d.fine_tune_type, help="(default: %(default)s)")
-    p.add_argument("--num-layers", type=int_at_least(-1), default=d.num_layers, help="adapt the last N transformer blocks, -1 for all (default: all)")
+    p.add_argument(
+        "--num-layers", type=int_at_least(-1), default=d.num_layers, help="adapt the last N transformer blocks, -1 for all (default: all)"
+    )
     p.add_argument(
         "--lora-keys",
         nargs="+",
@@ -45,7 +47,9 @@ def build_parser() -> ArgumentParser:
     )
     p.add_argument("--rank", type=positive_int, default=d.rank, help="adapter rank (default: %(default)s)")
     p.add_argument("--alpha", type=float_in(0, low_open=True), default=d.alpha, help="adapter scale is alpha / rank (default: %(default)s)")
-    p.add_argument("--dropout", type=float_in(0, 1, high_open=True), default=d.dropout, help="dropout on the adapter input (default: %(default)s)")
+    p.add_argument(
+        "--dropout", type=float_in(0, 1, high_open=True), default=d.dropout, help="dropout on the adapter input (default: %(default)s)"
+    )
     p.add_argument("--q-bits", type=int, choices=BITS, help="QLoRA: quantize the base model to this many bits first (cached)")
     p.add_argument("--q-group-size", type=int, choices=GROUP_SIZES, default=64, help="quantization group size (default: %(default)s)")
     p.add_argument("--dtype", choices=list(DTYPES), help="convert the base model to this dtype first (cached)")
@@ -54,11 +58,17 @@ def build_parser() -> ArgumentParser:
     )
     p.add_argument("--grad-accum", type=positive_int, default=d.grad_accum, help="micro-batches per optimizer step (default: %(default)s)")
     p.add_argument("--iters", type=positive_int, default=d.iters, help="optimizer steps (default: %(default)s)")
-    p.add_argument("--learning-rate", type=float_in(0, low_open=True), default=d.learning_rate, help="peak AdamW learning rate (default: %(default)s)")
+    p.add_argument(
+        "--learning-rate", type=float_in(0, low_open=True), default=d.learning_rate, help="peak AdamW learning rate (default: %(default)s)"
+    )
     p.add_argument("--warmup", type=non_negative_int, default=d.warmup, help="linear warmup steps (default: %(default)s)")
-    p.add_argument("--min-lr-ratio", type=float_in(0, 1), default=d.min_lr_ratio, help="cosine decay ends at lr * this (default: %(default)s)")
+    p.add_argument(
+        "--min-lr-ratio", type=float_in(0, 1), default=d.min_lr_ratio, help="cosine decay ends at lr * this (default: %(default)s)"
+    )
     p.add_argument("--weight-decay", type=float_in(0), default=d.weight_decay, help="AdamW weight decay (default: %(default)s)")
-    p.add_argument("--grad-clip", type=float_in(0), default=d.grad_clip, help="clip the gradient norm to this, 0 = off (default: %(default)s)")
+    p.add_argument(
+        "--grad-clip", type=float_in(0), default=d.grad_clip, help="clip the gradient norm to this, 0 = off (default: %(default)s)"
+    )
     p.add_argument("--max-seq-length", type=int_at_least(2), default=d.max_seq_length, help="tokens per sequence (default: %(default)s)")
     p.add_argument("--mask-prompt", action="store_true", help="train only on completions / assistant turns")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in the backward pass to save memory")
@@ -66,12 +76,20 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--steps-per-report", type=positive_int, default=d.report_every, help="(default: %(default)s)")
     p.add_argument("--steps-per-eval", type=positive_int, default=d.eval_every, help="(default: %(default)s)")
     p.add_argument(
-        "--val-batches", type=non_negative_int, default=d.val_batches, help="validation batches per evaluation, 0 = all (default: %(default)s)"
+        "--val-batches",
+        type=non_negative_int,
+        default=d.val_batches,
+        help="validation batches per evaluation, 0 = all (default: %(default)s)",
     )
     p.add_argument(
         "--save-every", type=positive_int, default=d.save_every, help="save adapters and a checkpoint every N steps (default: %(default)s)"
     )
-    p.add_argument("--valid-fraction", type=float_in(0, 1, low_open=True, high_open=True), default=0.1, help="for a single .txt: the last part held out (default: %(default)s)")
+    p.add_argument(
+        "--valid-fraction",
+        type=float_in(0, 1, low_open=True, high_open=True),
+        default=0.1,
+        help="for a single .txt: the last part held out (default: %(default)s)",
+    )
     p.add_argument("--resume", action="store_true", help="continue the run saved in --adapter-path (same settings)")
     p.add_argument("--force", action="store_true", help="replace adapters already in --adapter-path")
     p.add_argument("--plot", nargs="?", const="", default=None, metavar="PNG", help="plot losses to PNG (default: ADAPTER_PATH/loss.png)")

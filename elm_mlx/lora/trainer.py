@@ -212,7 +212,9 @@ def load_checkpoint(out_dir: Path, model: nn.Module, optimizer: optim.Optimizer,
         return _read_checkpoint(checkpoint, model, optimizer, config)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:  # JSON and UTF-8 errors are ValueErrors
         detail = " ".join(str(e).split())[:200]
-        raise ElmError(f"--resume: the checkpoint in {checkpoint} is damaged ({type(e).__name__}: {detail}); start over with --force") from None
+        raise ElmError(
+            f"--resume: the checkpoint in {checkpoint} is damaged ({type(e).__name__}: {detail}); start over with --force"
+        ) from None
 
 
 def _read_checkpoint(checkpoint: Path, model: nn.Module, optimizer: optim.Optimizer, config: TrainingConfig) -> TrainingState:
