@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import ConfigError
+from . import checks as F
 
 
 @dataclass
@@ -40,6 +41,7 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, config: dict) -> "ModelArgs":
+        F.require_object(config)
         required = [f.name for f in fields(cls) if f.default is MISSING]
         missing = [name for name in required if name not in config]
         if missing:
@@ -55,18 +57,29 @@ class ModelArgs:
         return args
 
     def validate(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        """Reject configs this model cannot be built from, naming the offending field (caps in checks.py)."""
+        F.integer("vocab_size", self.vocab_size, F.MAX_VOCAB)
+        F.integer("hidden_size", self.hidden_size, F.MAX_WIDTH)
+        F.integer("intermediate_size", self.intermediate_size, F.MAX_FFN_WIDTH)
+        F.integer("num_hidden_layers", self.num_hidden_layers, F.MAX_LAYERS)
+        F.integer("num_attention_heads", self.num_attention_heads, F.MAX_HEADS)
+        F.integer("num_key_value_heads", self.num_key_value_heads, F.MAX_HEADS)
+        F.integer("max_position_embeddings", self.max_position_embeddings, F.MAX_POSITIONS)
+        F.number("rope_theta", self.rope_theta, 0, F.MAX_ROPE_BASE, low_open=True)
+        F.number("layer_norm_eps", self.layer_norm_eps, 0, 1, low_open=True)
+        if self.clip_qkv is not None:
+            F.number("clip_qkv", self.clip_qkv, 0, 1e30, low_open=True)
+        F.boolean("attention_bias", self.attention_bias)
+        F.boolean("tie_word_embeddings", self.tie_word_embeddings)
+        F.token_ids("bos_token_id", self.bos_token_id)
+        F.token_ids("eos_token_id", self.eos_token_id)
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.attention_bias:
             raise ConfigError("attention_bias is not supported (OLMo has no biases)")
-        if self.hidden_act != "silu":
-            raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported (OLMo uses 'silu')")
+        F.choice("hidden_act", self.hidden_act, ("silu",), " (OLMo uses 'silu')")
 
     @property
     def preferred_dtype(self) -> str:

@@ -24,6 +24,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..errors import ConfigError
+from . import checks as F
 
 # --------------------------------------------------------------------------
 # Configuration
@@ -82,6 +83,7 @@ class ModelArgs:
     @classmethod
     def from_dict(cls, config: dict) -> "ModelArgs":
         """Build from a Hugging Face config.json; unknown keys are ignored."""
+        F.require_object(config)
         required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
         missing = [name for name in required if name not in config]
         if missing:
@@ -118,26 +120,40 @@ class ModelArgs:
         )
 
     def validate(self) -> None:
-        """Reject configs this model cannot be built from, naming the offending field."""
-        for name in ("vocab_size", "model_dim", "head_dim", "num_transformer_layers", "ffn_dim_divisor"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        """Reject configs this model cannot be built from, naming the offending field (caps in checks.py)."""
+        for name, high in (("vocab_size", F.MAX_VOCAB), ("model_dim", F.MAX_WIDTH), ("head_dim", F.MAX_HEAD_DIM)):
+            F.integer(name, getattr(self, name), high)
+        F.integer("num_transformer_layers", self.num_transformer_layers, F.MAX_LAYERS)
+        F.integer("ffn_dim_divisor", self.ffn_dim_divisor, F.MAX_WIDTH)
+        F.integer("num_gqa_groups", self.num_gqa_groups, F.MAX_HEADS)
+        F.integer("rope_max_length", self.rope_max_length, F.MAX_POSITIONS)
+        F.integer("max_context_length", self.max_context_length, F.MAX_POSITIONS)
+        F.number("rope_freq_constant", self.rope_freq_constant, 0, F.MAX_ROPE_BASE, low_open=True)
+        F.number("rms_norm_eps", self.rms_norm_eps, 0, 1, low_open=True)
+        for name in ("ffn_with_glu", "normalize_qk_projections", "share_input_output_layers"):
+            F.boolean(name, getattr(self, name))
+        F.token_ids("bos_token_id", self.bos_token_id)
+        F.token_ids("eos_token_id", self.eos_token_id)
+        self._validate_layers()
+        qkv = self.qkv_multipliers
+        if not (isinstance(qkv, (list, tuple)) and 1 <= len(qkv) <= 2 and all(F.is_number(m) and 0 < m <= 64 for m in qkv)):
+            raise ConfigError(f"qkv_multipliers must be one or two numbers above 0 and at most 64, got {F.shown(qkv)}")
+        F.choice("activation_fn_name", self.activation_fn_name, ("swish", "silu"), " (OpenELM uses 'swish')")
+        F.choice("normalization_layer_name", self.normalization_layer_name, ("rms_norm",), " (OpenELM uses 'rms_norm')")
+
+    def _validate_layers(self) -> None:
         n = self.num_transformer_layers
         for name in ("num_query_heads", "num_kv_heads", "ffn_multipliers"):
-            values = getattr(self, name)
-            if not isinstance(values, (list, tuple)) or len(values) != n:
-                count = len(values) if isinstance(values, (list, tuple)) else "no"
-                raise ConfigError(f"{name} has {count} entries but num_transformer_layers is {n}")
+            F.per_layer(name, getattr(self, name), "num_transformer_layers", n)
         for i, (q, kv, m) in enumerate(zip(self.num_query_heads, self.num_kv_heads, self.ffn_multipliers)):
-            if not (isinstance(q, int) and isinstance(kv, int) and q > 0 and kv > 0 and q % kv == 0):
-                raise ConfigError(f"layer {i}: num_query_heads ({q}) must be a positive multiple of num_kv_heads ({kv})")
-            if not isinstance(m, (int, float)) or m <= 0:
-                raise ConfigError(f"layer {i}: ffn_multipliers entry must be positive, got {m!r}")
-        if self.activation_fn_name not in ("swish", "silu"):
-            raise ConfigError(f"activation_fn_name {self.activation_fn_name!r} is not supported (OpenELM uses 'swish')")
-        if self.normalization_layer_name != "rms_norm":
-            raise ConfigError(f"normalization_layer_name {self.normalization_layer_name!r} is not supported (OpenELM uses 'rms_norm')")
+            heads_ok = F.is_int(q) and F.is_int(kv) and 0 < q <= F.MAX_HEADS and 0 < kv <= F.MAX_HEADS
+            if not heads_ok or q % kv:
+                raise ConfigError(
+                    f"layer {i}: num_query_heads ({F.shown(q)}) must be a positive multiple of num_kv_heads ({F.shown(kv)}), "
+                    f"each at most {F.MAX_HEADS}"
+                )
+            if not (F.is_number(m) and 0 < m <= 64):
+                raise ConfigError(f"layer {i}: ffn_multipliers entry must be positive, finite and at most 64, got {F.shown(m)}")
 
     @property
     def preferred_dtype(self) -> str:
