@@ -197,7 +197,7 @@ def corenet_model_name(yaml_file: Path) -> str:
         name = config["model"]["language_modeling"]["general_gpt"]["model_name"]
     except (KeyError, TypeError, IndexError):
         raise ElmError(f"{yaml_file} has no model.language_modeling.general_gpt.model_name") from None
-    if name not in CORENET_SIZES:  # a str, or an unhashable/odd value; never printed in full
+    if not isinstance(name, str) or name not in CORENET_SIZES:  # shown briefly: it may be huge or a list
         shown = repr(name) if isinstance(name, str) and len(name) < 100 else f"a {type(name).__name__}"
         raise ElmError(f"{yaml_file} names model {shown}; supported: {', '.join(CORENET_SIZES)}")
     return name

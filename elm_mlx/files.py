@@ -122,7 +122,8 @@ def _swap_in(staging: Path, path: Path) -> None:
     except OSError:
         os.replace(old, path)
         raise
-    shutil.rmtree(holder, ignore_errors=True)
+    finally:
+        shutil.rmtree(holder, ignore_errors=True)  # the old output, or nothing once it is restored
 
 
 def source_root(directory: Path) -> Path:
