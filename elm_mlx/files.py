@@ -66,6 +66,19 @@ def _not_replaceable(path: Path, keep: Iterable[Path]) -> Optional[str]:
         source = Path(source).expanduser().resolve()
         if real == source or real in source.parents:
             return f"it is (or holds) the source {source}"
+    try:
+        names = _output_names(path)
+    except OSError as e:
+        return f"cannot look inside it ({e.strerror or e})"
+    if isinstance(names, str):
+        return names
+    if names and not any(marker in names for marker in OUTPUT_MARKERS):
+        return f"it holds none of {', '.join(OUTPUT_MARKERS)}, so it is no elm-mlx output"
+    return None
+
+
+def _output_names(path: Path):
+    """The names in `path` when all are plain files elm-mlx writes, else why not (a str)."""
     names = []
     with os.scandir(path) as entries:
         for entry in entries:
@@ -75,9 +88,7 @@ def _not_replaceable(path: Path, keep: Iterable[Path]) -> Optional[str]:
             if not (known and entry.is_file(follow_symlinks=False)):
                 return f"it holds {entry.name!r}, which is not an elm-mlx output file (remove it yourself if that is intended)"
             names.append(entry.name)
-    if names and not any(marker in names for marker in OUTPUT_MARKERS):
-        return f"it holds none of {', '.join(OUTPUT_MARKERS)}, so it is no elm-mlx output"
-    return None
+    return names
 
 
 @contextmanager
