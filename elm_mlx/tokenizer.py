@@ -12,14 +12,13 @@ out as replacement characters mid-stream.
 import codecs
 import json
 import re
+import secrets
 from functools import cached_property
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
-
-from jinja2 import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .errors import ElmError
+from .chat_template import TemplateError, render_template
 
 # Zephyr-style format of the -Instruct models: a role tag line, the content,
 # the eos token; generation is prompted with a final assistant tag.
@@ -108,7 +107,6 @@ class Tokenizer:
         Text between special tokens is encoded piece by piece, each piece as
         sentencepiece encodes a whole text (the Llama-2 "legacy" behaviour).
         """
-        add_bos = self.add_bos if add_bos is None else add_bos
         ids: List[int] = []
         if parse_special and self.special_tokens:
             for part in self._special_pattern.split(text):
@@ -118,9 +116,7 @@ class Tokenizer:
                     ids.extend(self._encode_plain(part))
         else:
             ids = self._encode_plain(text)
-        if add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
-            ids.insert(0, self.bos_id)
-        return ids
+        return self._with_bos(ids, add_bos)
 
     def detokenizer(self, trim_leading_space: Optional[bool] = None) -> StreamingDetokenizer:
         """A streaming detokenizer; by default it trims exactly as decode() does."""
@@ -128,17 +124,88 @@ class Tokenizer:
         return StreamingDetokenizer(self.token_bytes, trim)
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
-        """Render a conversation to prompt text with the model's (or the default Zephyr) template."""
-        if not messages:
-            raise ElmError("the conversation has no messages")
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-                raise ElmError(f"message {i} must be an object with a string 'content'")
-            if message.get("role") not in CHAT_ROLES:
-                raise ElmError(f"message {i} has unknown role {message.get('role')!r}; expected one of {', '.join(CHAT_ROLES)}")
+        """Render a conversation to prompt text with the model's (or the default Zephyr) template.
+
+        This text is for showing and for offsets; encode it with encode_chat,
+        never with encode, which would parse special-token strings in the messages.
+        """
+        return self._render(_checked_messages(messages), add_generation_prompt)
+
+    def encode_chat(
+        self, messages: Sequence[dict], add_generation_prompt: bool = True, add_bos: Optional[bool] = None, start: int = 0
+    ) -> List[int]:
+        """Ids of a conversation in which special tokens come only from the template.
+
+        Message contents are encoded as ordinary text: "</s>" or "<|user|>" in a
+        message becomes text pieces, never a turn boundary. Equal to
+        encode(apply_chat_template(...)) when no message contains such a string.
+        `start` skips that many characters of the rendered text (the part the
+        caller already has as tokens); BOS as in encode().
+        """
+        segments = _drop_chars(self.chat_segments(messages, add_generation_prompt), start)
+        return self._with_bos(self._encode_segments(segments), add_bos)
+
+    def chat_turn_end(self, messages: Sequence[dict]) -> int:
+        """Offset in the rendered conversation just past the last eos token the template wrote (-1 if none)."""
+        offset, end = 0, -1
+        for text, from_template in self.chat_segments(messages, add_generation_prompt=False):
+            if from_template and self.eos_token and self.eos_token in text:
+                end = offset + text.rindex(self.eos_token) + len(self.eos_token)
+            offset += len(text)
+        return end
+
+    def chat_segments(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> List[Tuple[str, bool]]:
+        """The rendered conversation as (text, from_template) pieces; their texts joined are apply_chat_template's.
+
+        Special-token strings in pieces not from the template are text. The
+        template is rendered with a random tag in place of each content; where
+        putting the contents back gives exactly the real rendering, the tags
+        mark the contents. A template that changes contents (e.g. strips them)
+        is rendered again with only the special-token strings in contents
+        replaced by tags; that must also put back to the real rendering, or
+        the conversation is refused.
+        """
+        messages = _checked_messages(messages)
+        text = self._render(messages, add_generation_prompt)
+        contents = [m["content"] for m in messages]
+        tags = _Tags(contents)
+        skeleton = self._render([{**m, "content": tags.tag(i)} for i, m in enumerate(messages)], add_generation_prompt)
+        segments = tags.fill(skeleton, contents)
+        if segments is not None and _joined(segments) == text:
+            return segments
+        found: List[str] = []
+        defused = [{**m, "content": tags.replace(self._control_pattern, m["content"], found)} for m in messages]
+        segments = tags.fill(self._render(defused, add_generation_prompt), found)
+        if segments is None or _joined(segments) != text:
+            raise ElmError(
+                "the chat template changes special-token text inside messages (e.g. upper-cases it), so the "
+                "messages cannot be kept apart from the template's own tokens; remove such text from the messages"
+            )
+        return segments
+
+    # -- chat helpers --------------------------------------------------------
+    @cached_property
+    def _control_pattern(self) -> Optional["re.Pattern"]:
+        """Strings that encode() or _encode_plain() would turn into a token that is not text."""
+        strings = set(self.special_tokens) | set(self._plain_added_tokens)
+        if not strings:
+            return None
+        return re.compile("|".join(re.escape(t) for t in sorted(strings, key=len, reverse=True)))
+
+    @property
+    def _plain_added_tokens(self) -> Dict[str, int]:
+        """Added tokens that _encode_plain itself matches in text (HF's non-special added tokens)."""
+        return {}
+
+    def _encode_text(self, text: str) -> List[int]:
+        """Text as text: no string becomes an added or special token."""
+        return self._encode_plain(text)
+
+    def _render(self, messages: List[dict], add_generation_prompt: bool) -> str:
         try:
-            return _compile_template(self.chat_template).render(
-                messages=list(messages),
+            return render_template(
+                self.chat_template,
+                messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
@@ -146,16 +213,120 @@ class Tokenizer:
         except TemplateError as e:
             raise ElmError(f"chat template failed: {e}") from None
 
+    def _encode_segments(self, segments: List[Tuple[str, bool]]) -> List[int]:
+        """Special tokens only from template text; the text between them encoded as one string, as encode() does."""
+        ids: List[int] = []
+        run: List[Tuple[str, bool]] = []
+        for text, from_template in segments:
+            if not (from_template and self.special_tokens):
+                run.append((text, from_template))
+                continue
+            for part in self._special_pattern.split(text):
+                if part in self.special_tokens:
+                    ids.extend(self._encode_run(run))
+                    ids.append(self.special_tokens[part])
+                    run = []
+                elif part:
+                    run.append((part, True))
+        return ids + self._encode_run(run)
 
-def _raise_exception(message: str):
-    raise TemplateError(message)
+    def _encode_run(self, run: List[Tuple[str, bool]]) -> List[int]:
+        """One stretch between special tokens. Added-token strings from messages are cut out and encoded as text."""
+        plain = self._plain_added_tokens
+        ids: List[int] = []
+        pending = ""
+        for text, from_template in run:
+            if from_template or not plain:
+                pending += text
+                continue
+            for part in self._control_pattern.split(text) if self._control_pattern else [text]:
+                if part in plain:
+                    ids.extend(self._encode_plain(pending) if pending else [])
+                    ids.extend(self._encode_text(part))
+                    pending = ""
+                else:
+                    pending += part
+        return ids + (self._encode_plain(pending) if pending else [])
+
+    def _with_bos(self, ids: List[int], add_bos: Optional[bool]) -> List[int]:
+        add_bos = self.add_bos if add_bos is None else add_bos
+        if add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids.insert(0, self.bos_id)
+        return ids
 
 
-def _compile_template(source: str):
-    # Templates come from model directories: render them in jinja2's sandbox.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = _raise_exception
-    return env.from_string(source)
+def _checked_messages(messages: Sequence[dict]) -> List[dict]:
+    """Validated copies holding only role and content: nothing else a caller sent reaches the template."""
+    if not messages:
+        raise ElmError("the conversation has no messages")
+    checked = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise ElmError(f"message {i} must be an object with a string 'content'")
+        if message.get("role") not in CHAT_ROLES:
+            raise ElmError(f"message {i} has unknown role {message.get('role')!r}; expected one of {', '.join(CHAT_ROLES)}")
+        checked.append({"role": message["role"], "content": message["content"]})
+    return checked
+
+
+class _Tags:
+    """Unique stand-ins for strings while a template renders: private-use characters around a random number.
+
+    Nothing a case change, strip or trim does alters them, and a message
+    cannot contain one by accident or design (the number is new each time and
+    checked against the messages).
+    """
+
+    def __init__(self, texts: Sequence[str]):
+        while True:
+            self.prefix = f"\U000f0000{secrets.randbits(64)}:"
+            if not any(self.prefix in t for t in texts):
+                break
+        self.pattern = re.compile(re.escape(self.prefix) + "([0-9]+)\U000f0001")
+
+    def tag(self, index: int) -> str:
+        return f"{self.prefix}{index}\U000f0001"
+
+    def replace(self, pattern: Optional["re.Pattern"], text: str, found: List[str]) -> str:
+        """`text` with each match of `pattern` replaced by a tag; the matches are appended to `found`."""
+
+        def stand_in(match):
+            found.append(match.group(0))
+            return self.tag(len(found) - 1)
+
+        return pattern.sub(stand_in, text) if pattern else text
+
+    def fill(self, rendered: str, values: Sequence[str]) -> Optional[List[Tuple[str, bool]]]:
+        """(text, from_template) pieces with each tag put back as values[i]; None if a tag came out altered."""
+        parts = self.pattern.split(rendered)
+        segments = []
+        for i, part in enumerate(parts):
+            if i % 2 == 0:
+                if self.prefix in part:  # a tag the template cut or changed
+                    return None
+                if part:
+                    segments.append((part, True))
+            elif int(part) < len(values):
+                segments.append((values[int(part)], False))
+            else:
+                return None
+        return segments
+
+
+def _joined(segments: List[Tuple[str, bool]]) -> str:
+    return "".join(text for text, _ in segments)
+
+
+def _drop_chars(segments: List[Tuple[str, bool]], count: int) -> List[Tuple[str, bool]]:
+    """The segments without their first `count` characters."""
+    out = []
+    for text, from_template in segments:
+        if count >= len(text):
+            count -= len(text)
+            continue
+        out.append((text[count:], from_template))
+        count = 0
+    return out
 
 
 def _metaspace_bytes(piece: str) -> bytes:
@@ -226,8 +397,10 @@ class HFTokenizer(Tokenizer):
         self.tok.encode_special_tokens = True  # specials in text are split out by encode() itself
         spec = json.loads(self.tok.to_str())
         self._decoder_kinds = _component_types(spec.get("decoder"))
-        added = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
-        self.special_tokens = added
+        added = spec.get("added_tokens", [])
+        self.special_tokens = {t["content"]: t["id"] for t in added if t.get("special")}
+        self._non_special_added = {t["content"]: t["id"] for t in added if not t.get("special")}
+        self._spec = spec
 
         self.bos_token = _token_text(tokenizer_config.get("bos_token")) or ""
         self.eos_token = _token_text(tokenizer_config.get("eos_token")) or ""
@@ -247,6 +420,20 @@ class HFTokenizer(Tokenizer):
 
     def _encode_plain(self, text: str) -> List[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
+
+    @property
+    def _plain_added_tokens(self) -> Dict[str, int]:
+        return self._non_special_added
+
+    @cached_property
+    def _text_tok(self):
+        """The same tokenizer without its added vocabulary: every string is encoded by the model itself."""
+        from tokenizers import Tokenizer as RustTokenizer
+
+        return RustTokenizer.from_str(json.dumps({**self._spec, "added_tokens": [], "post_processor": None}))
+
+    def _encode_text(self, text: str) -> List[int]:
+        return self._text_tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)
