@@ -11,12 +11,12 @@ tokens, never the history again. Commands: /reset, /system TEXT, /exit
 import argparse
 import signal
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from .cache import PromptCache
-from .cli import ArgumentParser, run_cli
+from .cli import SAMPLING_SEED, ArgumentParser, positive_int, run_cli
 from .errors import ElmError
-from .generation import GenerationResponse, format_stats, stream_generate
+from .generation import GenerationResponse, context_length, format_stats, stream_generate
 from .load import load
 from .sample import SamplingParams
 from .tokenizer import Tokenizer
@@ -25,12 +25,19 @@ HELP = "commands: /reset (forget the conversation), /system TEXT (new system pro
 
 
 class ChatSession:
-    """A conversation and the tokens the model has already seen of it."""
+    """A conversation and the tokens the model has already seen of it.
 
-    def __init__(self, model, tokenizer: Tokenizer, system: Optional[str] = None):
+    The conversation must fit the model's context with room for an answer:
+    when it no longer does, the oldest whole turns go (the system prompt
+    stays); a message that cannot fit even alone is refused.
+    """
+
+    def __init__(self, model, tokenizer: Tokenizer, system: Optional[str] = None, notice=None):
         self.model, self.tokenizer = model, tokenizer
         self.prompt_cache = PromptCache(model)
+        self.context_length = context_length(model)
         self.system = system
+        self.notice = notice or (lambda text: None)  # told when turns are dropped
         self.reset()
 
     def reset(self) -> None:
@@ -41,26 +48,55 @@ class ChatSession:
         """History tokens as the model saw them (its own answers as generated), then the new turn's tokens.
 
         Re-encoding the rendered history could tokenize the model's answers
-        differently from how it generated them, and so miss the cache.
+        differently from how it generated them, and so miss the cache. Message
+        contents are encoded as plain text: a "</s>" typed by the user is text.
         """
-        messages = self.messages + [{"role": "user", "content": user_text}]
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        full = self.tokenizer.encode_chat(self.messages + [{"role": "user", "content": user_text}], add_generation_prompt=True)
         if not self.tokens:
-            return self.tokenizer.encode(text)
-        eos_token = self.tokenizer.eos_token
-        history = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=False)
-        cut = history.rfind(eos_token) + len(eos_token) if eos_token and eos_token in history else -1
-        if cut < 0 or not text.startswith(history[:cut]):  # a template this shortcut does not fit
-            return self.tokenizer.encode(text)
+            return full
+        history = self.tokenizer.encode_chat(self.messages, add_generation_prompt=False)
+        eos = [i for i, t in enumerate(history) if t in self.tokenizer.eos_ids]
+        cut = eos[-1] + 1 if eos else -1
+        if cut < 0 or full[:cut] != history[:cut]:  # a template this shortcut does not fit
+            return full
         tokens = list(self.tokens)
         if tokens[-1] not in self.tokenizer.eos_ids:  # the answer was cut short: close the turn
             tokens.append(min(self.tokenizer.eos_ids))
-        return tokens + self.tokenizer.encode(text[cut:], add_bos=False)
+        return tokens + full[cut:]
+
+    def fitted_prompt(self, user_text: str, max_tokens: int) -> Tuple[List[int], int]:
+        """The prompt and its answer budget, dropping the oldest turns until an answer has room.
+
+        Room means min(max_tokens, a quarter of the context); the answer may
+        then run on to max_tokens or the end of the context, whichever is first.
+        A message that does not fit even alone is refused, the history kept.
+        """
+        limit = self.context_length
+        prompt = self.prompt_for(user_text)
+        if limit is None:
+            return prompt, max_tokens
+        room = min(max_tokens, max(1, limit // 4))
+        kept, dropped = list(self.messages), 0
+        while len(prompt) + room > limit:
+            turns = [i for i, m in enumerate(kept) if m["role"] == "user"]
+            if not turns:
+                raise ElmError(
+                    f"this message needs {len(prompt)} tokens with the template and its answer {room} more, "
+                    f"over the model's {limit}-token context: shorten it"
+                )
+            end = turns[1] if len(turns) > 1 else len(kept)
+            del kept[turns[0] : end]
+            dropped += 1
+            prompt = self.tokenizer.encode_chat(kept + [{"role": "user", "content": user_text}], add_generation_prompt=True)
+        if dropped:
+            self.messages, self.tokens = kept, []  # the history changed: the cache keeps what still matches
+            self.notice(f"(the conversation outgrew the {limit}-token context: dropped the oldest {dropped} turn{'s' * (dropped > 1)})")
+        return prompt, min(max_tokens, limit - len(prompt))
 
     def ask(self, user_text: str, max_tokens: int, sampling: SamplingParams):
         """Stream the answer; the turn is recorded even when the caller stops early."""
-        prompt = self.prompt_for(user_text)
-        responses = stream_generate(self.model, self.tokenizer, prompt, max_tokens, sampling, prompt_cache=self.prompt_cache)
+        prompt, budget = self.fitted_prompt(user_text, max_tokens)
+        responses = stream_generate(self.model, self.tokenizer, prompt, budget, sampling, prompt_cache=self.prompt_cache)
         answer = []
         try:
             for r in responses:
@@ -70,6 +106,11 @@ class ChatSession:
             responses.close()
             self.tokens = list(self.prompt_cache.tokens)
             self.messages += [{"role": "user", "content": user_text}, {"role": "assistant", "content": "".join(answer)}]
+
+
+def dim(text: str) -> str:
+    """Faint on a terminal, plain otherwise."""
+    return f"\x1b[2m{text}\x1b[0m" if sys.stderr.isatty() else text
 
 
 def _stats(r: GenerationResponse) -> str:
@@ -114,6 +155,9 @@ def repl(session: ChatSession, max_tokens: int, sampling: SamplingParams, stats:
             for last in answer:
                 sys.stdout.write(last.text)
                 sys.stdout.flush()
+        except ElmError as e:  # this message is refused; the conversation goes on
+            print(f"error: {e}", file=sys.stderr)
+            continue
         except KeyboardInterrupt:
             answer.close()
             sys.stdout.write(" [stopped]")
@@ -129,23 +173,22 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--model", required=True, help="model directory or Hugging Face repo id")
     p.add_argument("--adapter-path", help="apply fine-tuned adapters from this directory")
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--max-tokens", "-m", type=int, default=512, help="most tokens per answer (default: %(default)s)")
+    p.add_argument("--max-tokens", "-m", type=positive_int, default=512, help="most tokens per answer, within the context (default: %(default)s)")
     p.add_argument("--temp", type=float, default=defaults.temp, help="(default: %(default)s)")
     p.add_argument("--top-p", type=float, default=defaults.top_p, help="(default: %(default)s)")
     p.add_argument("--min-p", type=float, default=defaults.min_p, help="(default: %(default)s)")
     p.add_argument("--repetition-penalty", type=float, default=1.2, help="Apple's samples use 1.2 (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=SAMPLING_SEED, default=None)
     p.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=True, help="stats after each answer (default: on)")
     args = p.parse_args(argv)
-    if args.max_tokens < 1:
-        raise ElmError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     sampling = SamplingParams(temp=args.temp, top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty)
     model, tokenizer = load(args.model, adapter_path=args.adapter_path)
     if args.seed is not None:
         import mlx.core as mx
 
         mx.random.seed(args.seed)
-    repl(ChatSession(model, tokenizer, args.system), args.max_tokens, sampling, args.verbose)
+    session = ChatSession(model, tokenizer, args.system, notice=lambda text: print(dim(text), file=sys.stderr))
+    repl(session, args.max_tokens, sampling, args.verbose)
 
 
 if __name__ == "__main__":

@@ -77,7 +77,8 @@ def _range(low, high, low_open=False, high_open=False) -> str:
 
 positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
-SEED = int_at_least(0, 2**32 - 1)  # what numpy's and mlx's generators accept
+SEED = int_at_least(0, 2**32 - 1)  # training: numpy's legacy and mlx's generators both accept it
+SAMPLING_SEED = int_at_least(0, 2**64 - 1)  # generation: mx.random.seed takes an unsigned 64-bit integer
 
 
 # --------------------------------------------------------------------------

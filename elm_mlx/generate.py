@@ -7,14 +7,32 @@ import argparse
 import sys
 from typing import List, Optional
 
-from .cli import ArgumentParser, run_cli
+from .cli import SAMPLING_SEED, ArgumentParser, positive_int, run_cli
 from .demo import DEMO_DIR, demo_notice
 from .errors import ElmError
-from .generation import check_request, print_stream, stream_generate
+from .generation import answer_budget, check_context, check_request, context_length, print_stream, stream_generate
 from .load import DTYPES, load
 from .quantize import BITS, GROUP_SIZES, RECIPES
 from .sample import SamplingParams
 from .tokenizer import Tokenizer
+
+
+DEFAULT_MAX_TOKENS = 256
+
+
+def read_prompt(arg: str) -> str:
+    """The prompt text: the argument itself, or stdin for '-' (which must be UTF-8)."""
+    if arg != "-":
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError as e:  # bytes the shell passed that are not UTF-8 arrive as lone surrogates
+            raise ElmError(f"--prompt is not valid UTF-8 text (character {e.start})") from None
+        return arg
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ElmError(f"the prompt on stdin is not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 1]!r})") from None
 
 
 def _unescape(text: str) -> str:
@@ -40,7 +58,13 @@ def build_parser():
     p.add_argument("--q-group-size", type=int, choices=GROUP_SIZES, default=64, help="quantization group size (default: %(default)s)")
     p.add_argument("--q-recipe", choices=sorted(RECIPES), help="layer-wise mixed quantization recipe (with --q-bits)")
     p.add_argument("--prompt", required=True, help="prompt text, or '-' to read it from stdin")
-    p.add_argument("--max-tokens", "-m", type=int, default=256, help="most tokens to generate (default: %(default)s)")
+    p.add_argument(
+        "--max-tokens",
+        "-m",
+        type=positive_int,
+        default=None,
+        help=f"most tokens to generate; prompt + this must fit the model's context (default: {DEFAULT_MAX_TOKENS}, or what room the context leaves)",
+    )
     p.add_argument("--temp", type=float, default=defaults.temp, help="sampling temperature, 0 for greedy (default: %(default)s)")
     p.add_argument("--top-p", type=float, default=defaults.top_p, help="nucleus sampling mass, 1 disables (default: %(default)s)")
     p.add_argument(
@@ -64,7 +88,7 @@ def build_parser():
         default=defaults.repetition_context_size,
         help="how many recent tokens the penalty looks at (default: %(default)s)",
     )
-    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    p.add_argument("--seed", type=SAMPLING_SEED, default=None, help="random seed for reproducible sampling")
     p.add_argument(
         "--stop",
         action="append",
@@ -90,8 +114,8 @@ def build_parser():
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = build_parser().parse_args(argv)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    check_request(prompt, args.max_tokens, args.prefill_step_size)  # before the (slow) model load
+    prompt = read_prompt(args.prompt)
+    check_request(prompt, args.max_tokens or 1, args.prefill_step_size, args.seed)  # max_tokens None: the default, later  # before the (slow) model load
     if args.chat is False and args.system is not None:
         raise ElmError("--system needs chat formatting; drop --no-chat")
     sampling = SamplingParams(
@@ -117,15 +141,20 @@ def main(argv: Optional[List[str]] = None) -> None:
         adapter_path=args.adapter_path,
     )
     use_chat = args.chat if args.chat is not None else (args.system is not None or _looks_instruct(args.model, tokenizer))
-    if use_chat:
+    if use_chat:  # the template's structure, the texts as plain text (a "</s>" in them is not an end)
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        prompt_ids = tokenizer.encode_chat(messages, add_generation_prompt=True)
+    else:
+        prompt_ids = tokenizer.encode(prompt)
+    limit = context_length(model)
+    max_tokens = args.max_tokens if args.max_tokens is not None else answer_budget(len(prompt_ids), DEFAULT_MAX_TOKENS, limit)
+    check_context(len(prompt_ids), max_tokens, limit)  # one line, before any work
 
     responses = stream_generate(
         model,
         tokenizer,
-        prompt,
-        max_tokens=args.max_tokens,
+        prompt_ids,
+        max_tokens=max_tokens,
         sampling=sampling,
         stop=[_unescape(s) for s in args.stop],
         seed=args.seed,

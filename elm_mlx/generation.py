@@ -3,7 +3,7 @@
 import sys
 import time
 from dataclasses import dataclass
-from typing import Generator, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Generator, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -14,6 +14,52 @@ from .sample import LogitsProcessor, Sampler, SamplingParams, make_logits_proces
 from .tokenizer import Tokenizer
 
 
+class ContextLengthError(ElmError):
+    """The prompt and the tokens asked for do not fit in the model's context window."""
+
+    def __init__(self, prompt_tokens: int, max_tokens: int, limit: int):
+        self.prompt_tokens, self.max_tokens, self.limit = prompt_tokens, max_tokens, limit
+        super().__init__(
+            f"this model's context length is {limit} tokens, but {prompt_tokens + max_tokens} were asked for "
+            f"({prompt_tokens} in the prompt, {max_tokens} to generate); shorten the prompt or ask for fewer tokens"
+        )
+
+
+class Cancelled(Exception):
+    """A generation stopped by its `cancel` callback; `done` of `total` prompt tokens had been computed."""
+
+    def __init__(self, done: int, total: int):
+        super().__init__(f"cancelled after {done} of {total} prompt tokens")
+        self.done, self.total = done, total
+
+
+def context_length(model: nn.Module) -> Optional[int]:
+    """Positions the model was trained for (OpenELM `max_context_length`, OLMo `max_position_embeddings`).
+
+    Past it, rotary positions the model never saw make its output garbage.
+    """
+    args = getattr(model, "args", None)
+    for name in ("max_context_length", "max_position_embeddings"):
+        limit = getattr(args, name, None)
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            return limit
+    return None
+
+
+def check_context(prompt_tokens: int, max_tokens: int, limit: Optional[int]) -> None:
+    """Refuse, before any work, a request whose prompt plus answer would overrun the context."""
+    if limit is not None and prompt_tokens + max_tokens > limit:
+        raise ContextLengthError(prompt_tokens, max_tokens, limit)
+
+
+def answer_budget(prompt_tokens: int, wanted: int, limit: Optional[int]) -> int:
+    """A default max_tokens shrunk to the room the context leaves (at least 1, so an over-long
+    prompt still meets check_context's error); for callers whose user did not name a number."""
+    if limit is None:
+        return wanted
+    return max(1, min(wanted, limit - prompt_tokens))
+
+
 def generate_step(
     prompt: Sequence[int],
     model: nn.Module,
@@ -22,13 +68,16 @@ def generate_step(
     prefill_step_size: int = 512,
     cache: Optional[list] = None,
     context: Sequence[int] = (),
+    cancel: Optional[Callable[[], bool]] = None,
 ) -> Iterator[Tuple[int, mx.array]]:
     """Yield (token id, log-probabilities) forever; the caller decides when to stop.
 
     The prompt is prefilled in chunks of `prefill_step_size` tokens, so a long
-    prompt never builds one huge attention graph. While the caller handles
-    token n, token n+1 is already being computed (mx.async_eval). `context`
-    names tokens already in `cache` before `prompt`, for logits processors.
+    prompt never builds one huge attention graph, and so that `cancel` (and
+    Ctrl-C) is heeded between chunks: raises Cancelled when it returns true.
+    While the caller handles token n, token n+1 is already being computed
+    (mx.async_eval). `context` names tokens already in `cache` before
+    `prompt`, for logits processors.
     """
     cache = cache if cache is not None else make_cache(model)
     tokens = mx.array(prompt, dtype=mx.uint32)
@@ -45,7 +94,10 @@ def generate_step(
             history = mx.concatenate([history, token.astype(mx.uint32)])
         return token, logprobs.squeeze(0)
 
+    total = tokens.size
     while tokens.size > 1:
+        if cancel is not None and cancel():
+            raise Cancelled(total - tokens.size, total)
         n = min(prefill_step_size, tokens.size - 1)
         model(tokens[:n][None], cache=cache)
         mx.eval([c.state for c in cache])
@@ -82,7 +134,13 @@ class GenerationResponse:
     prompt_cached_tokens: int = 0  # prompt tokens whose keys/values came from a PromptCache
 
 
-def check_request(prompt: Union[str, Sequence[int]], max_tokens: int, prefill_step_size: int = 512) -> None:
+SEED_LIMIT = 1 << 64  # mx.random.seed takes an unsigned 64-bit integer
+
+
+def check_request(prompt: Union[str, Sequence[int]], max_tokens: int, prefill_step_size: int = 512, seed: Optional[int] = None) -> None:
+    """Refuse what would fail (or never end) later, before any model work."""
+    if seed is not None and not 0 <= seed < SEED_LIMIT:
+        raise ElmError(f"seed must be an integer in [0, 2^64 - 1], got {seed}")
     if not (prompt.strip() if isinstance(prompt, str) else len(prompt)):
         raise ElmError("the prompt is empty")
     if max_tokens < 1:
@@ -112,16 +170,20 @@ def stream_generate(
     seed: Optional[int] = None,
     prefill_step_size: int = 512,
     prompt_cache: Optional[PromptCache] = None,
+    cancel: Optional[Callable[[], bool]] = None,
 ) -> Generator[GenerationResponse, None, None]:
     """Generate from a prompt (text, or token ids), yielding text as it is produced.
 
-    With a `prompt_cache`, the prefix this prompt shares with what the cache
-    holds is not computed again, and the cache is left holding this
-    conversation for the next call.
+    Raises ContextLengthError when prompt + max_tokens exceed the model's
+    context length, before any work. With a `prompt_cache`, the prefix this
+    prompt shares with what the cache holds is not computed again, and the
+    cache is left holding this conversation for the next call. `cancel` is
+    asked between prefill chunks (see generate_step).
     """
     sampling = sampling or SamplingParams()
-    check_request(prompt, max_tokens, prefill_step_size)
+    check_request(prompt, max_tokens, prefill_step_size, seed)
     prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    check_context(len(prompt_ids), max_tokens, context_length(model))
     stop = [s for s in stop if s]
     if seed is not None:
         mx.random.seed(seed)
@@ -129,13 +191,13 @@ def stream_generate(
     reused = prompt_cache.reuse(prompt_ids) if prompt_cache is not None else 0
     fed = list(prompt_ids)  # every token the model has seen, for the prompt cache
     try:
-        yield from _stream(model, tokenizer, prompt_ids, reused, fed, max_tokens, sampling, stop, prefill_step_size, prompt_cache)
+        yield from _stream(model, tokenizer, prompt_ids, reused, fed, max_tokens, sampling, stop, prefill_step_size, prompt_cache, cancel)
     finally:
         if prompt_cache is not None:
             prompt_cache.record(fed)
 
 
-def _stream(model, tokenizer, prompt_ids, reused, fed, max_tokens, sampling, stop, prefill_step_size, prompt_cache):
+def _stream(model, tokenizer, prompt_ids, reused, fed, max_tokens, sampling, stop, prefill_step_size, prompt_cache, cancel):
     detokenizer = tokenizer.detokenizer(trim_leading_space=False)
     steps = generate_step(
         prompt_ids[reused:],
@@ -145,6 +207,7 @@ def _stream(model, tokenizer, prompt_ids, reused, fed, max_tokens, sampling, sto
         prefill_step_size,
         cache=prompt_cache.cache if prompt_cache is not None else None,
         context=prompt_ids[:reused],
+        cancel=cancel,
     )
     mx.reset_peak_memory()
     start = time.perf_counter()

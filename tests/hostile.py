@@ -11,7 +11,7 @@ import resource
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,12 +36,19 @@ class Outcome:
         assert len(lines) == 1, self.stderr[-3000:]
         return lines[0]
 
+    def error_line(self) -> str:
+        """The refusal after any progress notes: the last stderr line, the only one that says error."""
+        assert "Traceback" not in self.stderr, self.stderr[-3000:]
+        errors = [line for line in self.stderr_lines if "error" in line.lower()]
+        assert len(errors) == 1 and errors[0] == self.stderr_lines[-1], self.stderr[-3000:]
+        return errors[0]
+
 
 def run_limited(
     argv: Sequence[str],
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
     timeout: float = 120,
-    stdin: Optional[str] = None,
+    stdin: Optional[Union[str, bytes]] = None,
     cwd: Optional[str] = None,
     env: Optional[dict] = None,
 ) -> Outcome:
@@ -51,10 +58,10 @@ def run_limited(
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
 
     full_env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
-    proc = subprocess.run(
-        list(argv), input=stdin, capture_output=True, text=True, timeout=timeout, preexec_fn=limit, cwd=cwd, env=full_env
-    )
-    return Outcome(proc.returncode, proc.stdout, proc.stderr)
+    if isinstance(stdin, str):
+        stdin = stdin.encode()
+    proc = subprocess.run(list(argv), input=stdin, capture_output=True, timeout=timeout, preexec_fn=limit, cwd=cwd, env=full_env)
+    return Outcome(proc.returncode, proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace"))
 
 
 def python_code(code: str, **kwargs) -> Outcome:
