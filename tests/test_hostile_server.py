@@ -1,0 +1,318 @@
+"""The server under hostile and oversized requests: context limits, cancellation, timeouts, JSON at the edges."""
+
+import json
+import logging
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+uvicorn = pytest.importorskip("uvicorn")
+
+from conftest import random_weights, tiny_config, write_model_dir  # noqa: E402
+
+from elm_mlx.demo import DEMO_DIR  # noqa: E402
+from elm_mlx.load import load  # noqa: E402
+from elm_mlx.server import Engine, Limits, make_app  # noqa: E402
+from elm_mlx.server.connections import OncePerInterval, protocol_with_header_timeout  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served:
+    """An app on a uvicorn thread in this process."""
+
+    def __init__(self, engine: Engine, limits: Limits, header_timeout: float = 10.0):
+        self.engine, self.port = engine, free_port()
+        config = uvicorn.Config(
+            make_app(engine, limits=limits),
+            host="127.0.0.1",
+            port=self.port,
+            log_level="error",
+            http=protocol_with_header_timeout(header_timeout),
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.05)
+
+    def post(self, path: str, body, timeout: float = 120):
+        """(status, parsed JSON) for a POST; the body is sent as given when it is bytes."""
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as s:
+            s.sendall(
+                b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Connection: close\r\nContent-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data
+            )
+            raw = b""
+            while chunk := s.recv(65536):
+                raw += chunk
+        head, _, payload = raw.partition(b"\r\n\r\n")
+        status = int(head.split()[1])
+        return status, json.loads(payload) if payload else None
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    """The bundled demo model (context 512) behind the app."""
+    model, tokenizer = load(str(DEMO_DIR))
+    engine = Engine(model, tokenizer, "demo")
+    served = Served(engine, Limits(max_tokens_limit=2048, context_length=engine.context_length))
+    yield served
+    served.stop()
+
+
+def test_a_prompt_over_the_context_gets_400_within_a_second(demo):
+    assert demo.engine.context_length == 512
+    words = "the king speak now " * 400  # about 1,600 tokens
+    start = time.perf_counter()
+    status, body = demo.post("/v1/completions", {"prompt": words, "max_tokens": 8})
+    elapsed = time.perf_counter() - start
+    assert status == 400 and elapsed < 1.0, (status, elapsed)
+    error = body["error"]
+    assert error["code"] == "context_length_exceeded" and error["type"] == "invalid_request_error"
+    prompt_tokens = len(demo.engine.tokenizer.encode(words))
+    assert "512" in error["message"] and str(prompt_tokens) in error["message"]
+    assert not [j for j in demo.engine.finished if j["prompt_tokens"] == prompt_tokens]  # no work was done
+
+    status, body = demo.post("/v1/chat/completions", {"messages": [{"role": "user", "content": words}]})
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+
+
+def test_explicit_max_tokens_must_fit_and_the_default_shrinks_to_the_room_left(demo):
+    prompt = list(range(3, 3 + 500))  # 500 token ids
+    status, body = demo.post("/v1/completions", {"prompt": prompt, "max_tokens": 20})
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded" and "520" in body["error"]["message"]
+    status, body = demo.post("/v1/completions", {"prompt": prompt, "temperature": 0, "stop": None})
+    assert status == 200, body
+    usage = body["usage"]
+    assert usage["prompt_tokens"] == 500 and usage["completion_tokens"] <= 12
+    if usage["completion_tokens"] == 12:  # ran to the end of the context, not to an end-of-sequence token
+        assert body["choices"][0]["finish_reason"] == "length"
+
+
+def test_max_prompt_tokens_is_a_budget_of_its_own(demo):
+    model, tokenizer = demo.engine.model, demo.engine.tokenizer
+    engine = Engine(model, tokenizer, "demo")
+    served = Served(engine, Limits(max_prompt_tokens=10, context_length=512))
+    try:
+        status, body = served.post("/v1/completions", {"prompt": list(range(3, 14)), "max_tokens": 1})
+        assert status == 400 and body["error"]["code"] == "context_length_exceeded" and "--max-prompt-tokens" in body["error"]["message"]
+        status, body = served.post("/v1/completions", {"prompt": list(range(3, 13)), "max_tokens": 1})
+        assert status == 200
+    finally:
+        served.stop()
+
+
+def _nested(depth: int) -> bytes:
+    return b'{"prompt": "x", "extra": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+HOSTILE_BODIES = {
+    "lone surrogate in a message": b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}',
+    "lone surrogate in a prompt": b'{"prompt": "\\udfff"}',
+    "lone surrogate in a stop string": b'{"prompt": "the", "stop": ["\\ud83d"]}',
+    "100k-deep nesting": _nested(100_000),
+    "40-deep nesting": _nested(40),
+    "NaN temperature": b'{"prompt": "the", "temperature": NaN}',
+    "Infinity top_p": b'{"prompt": "the", "top_p": Infinity}',
+    "1e999 min_p": b'{"prompt": "the", "min_p": 1e999}',
+    "5000-digit max_tokens": b'{"prompt": "the", "max_tokens": ' + b"9" * 5000 + b"}",
+    "seed -1": b'{"prompt": "the", "seed": -1}',
+    "seed 2^64": b'{"prompt": "the", "seed": 18446744073709551616}',
+    "seed as a float": b'{"prompt": "the", "seed": 1.5}',
+    "max_tokens 0": b'{"prompt": "the", "max_tokens": 0}',
+    "max_tokens over the limit": b'{"prompt": "the", "max_tokens": 4097}',
+    "max_tokens true": b'{"prompt": "the", "max_tokens": true}',
+    "invalid UTF-8": b'{"prompt": "\xff\xfe"}',
+    "not an object": b"[1, 2, 3]",
+    "truncated JSON": b'{"prompt": "the',
+    "role not a string": b'{"messages": [{"role": 7, "content": "hi"}]}',
+    "content an object": b'{"messages": [{"role": "user", "content": {"a": 1}}]}',
+    "negative token id": b'{"prompt": [1, -5]}',
+    "token id past the vocabulary": b'{"prompt": [1, 99999999999]}',
+    "temperature a string": b'{"prompt": "the", "temperature": "hot"}',
+    "repetition_penalty 0": b'{"prompt": "the", "repetition_penalty": 0}',
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_BODIES))
+def test_hostile_bodies_get_400_in_openais_shape(demo, name):
+    path = "/v1/chat/completions" if b"messages" in HOSTILE_BODIES[name] else "/v1/completions"
+    status, body = demo.post(path, HOSTILE_BODIES[name], timeout=30)
+    assert status == 400, (status, body)
+    assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["type"] == "invalid_request_error"
+    assert "\n" not in body["error"]["message"] and len(body["error"]["message"]) < 400
+
+
+def test_an_unknown_model_is_404_and_the_served_one_is_listed(demo):
+    status, body = demo.post("/v1/completions", {"model": "gpt-4o", "prompt": "the", "max_tokens": 1})
+    assert status == 404 and body["error"]["code"] == "model_not_found" and "demo" in body["error"]["message"]
+    status, body = demo.post("/v1/completions", {"model": "demo", "prompt": "the", "max_tokens": 1})
+    assert status == 200
+
+
+def test_sampling_at_the_edges_behaves_as_its_limit_and_stays_valid_json(demo):
+    base = {"prompt": "the king", "max_tokens": 8, "logprobs": 5}
+    _, greedy = demo.post("/v1/completions", {**base, "temperature": 0})
+    for edge in ({"temperature": 1e-40}, {"temperature": 5e-324}, {"temperature": 1.0, "top_p": 5e-324}):
+        status, body = demo.post("/v1/completions", {**base, **edge, "seed": 7})
+        assert status == 200 and body["choices"][0]["text"] == greedy["choices"][0]["text"], edge
+    status, body = demo.post("/v1/completions", {**base, "temperature": 0, "repetition_penalty": 1e-300})
+    assert status == 400 and "repetition_penalty" in body["error"]["message"]
+    status, body = demo.post("/v1/completions", {**base, "temperature": 0, "repetition_penalty": 1e-3})
+    assert status == 200  # demo.post parsed it: strict JSON, no -Infinity
+    for logprob in body["choices"][0]["logprobs"]["token_logprobs"]:
+        assert logprob > -1e5
+
+
+def _big_context_engine(tmp_path_factory, tokenizer_model, prefill_step_size):
+    """A tiny model with a long context, so that a prefill of many chunks takes seconds."""
+    config = tiny_config(max_context_length=1 << 16)
+    model_dir = write_model_dir(tmp_path_factory.mktemp("long") / "OpenELM-long", config, random_weights(config), tokenizer_model)
+    model, tokenizer = load(str(model_dir))
+    return Engine(model, tokenizer, "long", prefill_step_size=prefill_step_size)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_leaving_during_prefill_frees_the_worker_at_the_next_chunk(tmp_path_factory, tiny_sp_model, stream):
+    engine = _big_context_engine(tmp_path_factory, tiny_sp_model, prefill_step_size=256)
+    served = Served(engine, Limits(context_length=engine.context_length))
+    try:
+        prompt = [3 + (i * 7) % 300 for i in range(12_000)]  # about 18 s of prefill on 2 busy cores
+        data = json.dumps({"prompt": prompt, "max_tokens": 4, "stream": stream}).encode()
+        s = socket.create_connection(("127.0.0.1", served.port))
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(data) + data)
+        deadline = time.time() + 30
+        while engine.jobs.qsize() or not engine.prompt_cache.cache[0].offset:  # the worker has begun the prefill
+            assert time.time() < deadline
+            time.sleep(0.02)
+        s.close()
+        status, body = served.post("/v1/completions", {"prompt": "the", "max_tokens": 2}, timeout=60)
+        assert status == 200 and body["usage"]["completion_tokens"] >= 1
+        left = [j for j in engine.finished if j["prompt_tokens"] == len(prompt)]
+        assert left and left[0]["cancelled"] and left[0]["generated_tokens"] == 0
+        done = left[0]["cancelled_in_prefill_after"]
+        assert done is not None and done < len(prompt) - 1, left  # it stopped inside the prefill
+    finally:
+        served.stop()
+
+
+def test_the_log_filter_lets_one_line_per_distinct_error_per_interval():
+    now = [0.0]
+    log_filter = OncePerInterval(interval=60, clock=lambda: now[0])
+
+    def record(message, exc=None):
+        r = logging.LogRecord("asyncio", logging.ERROR, __file__, 1, message, None, (type(exc), exc, None) if exc else None)
+        return r if log_filter.filter(r) else None
+
+    first = record("socket.accept() out of system resource\nsocket: <socket fd=3>", OSError(24, "Too many open files"))
+    assert first.getMessage() == "socket.accept() out of system resource: OSError: [Errno 24] Too many open files"
+    assert first.exc_info is None
+    assert all(record("socket.accept() out of system resource\nsocket: <socket fd=3>", OSError(24, "Too many open files")) is None for _ in range(10_000))
+    assert record("another error") is not None
+    now[0] = 61.0
+    again = record("socket.accept() out of system resource\nsocket: <socket fd=3>", OSError(24, "Too many open files"))
+    assert "(and 10000 more like it in the last 60 s)" in again.getMessage()
+
+
+# --------------------------------------------------------------------------
+# The real command line, in a child process
+# --------------------------------------------------------------------------
+
+
+def _start_server(port: int, *flags: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "elm_mlx.server", "--model", str(DEMO_DIR), "--port", str(port), *flags],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_listening(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError("the server did not start")
+
+
+def test_idle_and_slow_connections_are_closed_and_the_server_still_answers():
+    port = free_port()
+    proc = _start_server(port, "--header-timeout", "1", "--keep-alive-timeout", "1")
+    sockets = []
+    try:
+        _wait_listening(port, proc)
+        for i in range(1000):
+            s = socket.create_connection(("127.0.0.1", port))
+            if i % 10 == 0:
+                s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # headers never finished (slow loris)
+            sockets.append(s)
+        time.sleep(2.5)
+        closed = 0
+        for s in sockets:
+            s.settimeout(5)
+            try:
+                closed += s.recv(1) == b""
+            except OSError:
+                closed += 1
+        assert closed == 1000
+        request = json.dumps({"prompt": "the king", "max_tokens": 2}).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(request) + request)
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200")
+    finally:
+        for s in sockets:
+            s.close()
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert len(err.splitlines()) < 10, err  # no flood
+
+
+def test_a_taken_port_is_one_line_and_serving_is_never_claimed():
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        proc = _start_server(port)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert err.strip().splitlines() == [err.strip()] and err.startswith("error: cannot listen on 127.0.0.1:") and "Traceback" not in err
+    assert "serving" not in out + err
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--max-tokens-limit", "0"], ["--max-prompt-tokens", "-1"], ["--max-body-bytes", "0"], ["--header-timeout", "nan"], ["--port", "70000"]],
+)
+def test_bad_limits_are_refused_at_start_up_in_one_line(flags):
+    proc = _start_server(free_port(), *flags)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and len(err.strip().splitlines()) == 1 and err.startswith("error: --"), err
+    assert "serving" not in out + err
