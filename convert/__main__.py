@@ -1,7 +1,7 @@
 """python -m convert: PyTorch OpenELM checkpoints to MLX model directories.
 
 python -m convert --hf-path apple/OpenELM-270M-Instruct --mlx-path OpenELM-270M-Instruct-mlx
-python -m convert --hf-path ./OpenELM-1_1B --mlx-path out -q --q-bits 4
+python -m convert --hf-path ./OpenELM-1_1B --mlx-path out -q   (4-bit; any --q-* option implies -q)
 python -m convert --corenet-path checkpoint.pt --corenet-model OpenELM-450M --mlx-path out
 """
 
@@ -16,6 +16,8 @@ from elm_mlx.quantize import BITS, GROUP_SIZES, RECIPES
 
 from .pipeline import convert_checkpoint
 from .tokenizer_files import DEFAULT_TOKENIZER_REPO
+
+DEFAULT_BITS, DEFAULT_GROUP = 4, 64
 
 
 def build_parser() -> ArgumentParser:
@@ -38,16 +40,22 @@ def build_parser() -> ArgumentParser:
         help="tokenizer.model file, directory or Hub id; default: the source's own, else "
         f"the Llama-2 tokenizer from {DEFAULT_TOKENIZER_REPO} (ELM_MLX_TOKENIZER_REPO overrides)",
     )
-    p.add_argument("--dtype", choices=list(DTYPES), help="weight dtype (default: float16; bfloat16 for 3B, which overflows float16)")
-    p.add_argument("-q", "--quantize", action="store_true", help="quantize the weights (embeddings included)")
-    p.add_argument("--q-bits", type=int, default=4, choices=BITS, help="bits per weight when quantizing (default: %(default)s)")
     p.add_argument(
-        "--q-group-size", type=int, default=64, choices=GROUP_SIZES, help="weights sharing one scale and bias (default: %(default)s)"
+        "--dtype",
+        choices=list(DTYPES),
+        help="weight dtype (default: for the device MLX runs on here: float32 on the CPU, where half precision is slow; "
+        "float16 on the GPU, bfloat16 for 3B, which overflows float16)",
+    )
+    p.add_argument("-q", "--quantize", action="store_true", help="quantize the weights (embeddings included); implied by the --q-* options")
+    p.add_argument("--q-bits", type=int, choices=BITS, help=f"bits per weight; implies -q (default: {DEFAULT_BITS})")
+    p.add_argument(
+        "--q-group-size", type=int, choices=GROUP_SIZES, help=f"weights sharing one scale and bias; implies -q (default: {DEFAULT_GROUP})"
     )
     p.add_argument(
         "--q-recipe",
         choices=list(RECIPES),
-        help="layer-wise mixed precision made for OpenELM (mixed-4-6: 6 bits for the embedding, the edge layers and early FFN down-projections, 4 elsewhere)",
+        help="layer-wise mixed precision made for OpenELM; implies -q (mixed-4-6: 6 bits for the embedding, the edge layers "
+        "and early FFN down-projections, 4 elsewhere)",
     )
     p.add_argument(
         "--max-shard-size-gb", type=float, default=5.0, help="split model.safetensors above this many GiB (default: %(default)s)"
@@ -62,8 +70,6 @@ def main(argv=None) -> None:
         raise ElmError("--corenet-path needs --corenet-model (e.g. OpenELM-270M) or --corenet-config")
     if args.hf_path and (args.corenet_model or args.corenet_config):
         raise ElmError("--corenet-model/--corenet-config go with --corenet-path, not --hf-path")
-    if args.q_recipe and not args.quantize:
-        raise ElmError("--q-recipe needs -q/--quantize")
     if args.max_shard_size_gb <= 0:
         raise ElmError("--max-shard-size-gb must be positive")
     summary = convert_checkpoint(
@@ -73,9 +79,9 @@ def main(argv=None) -> None:
         corenet_config=args.corenet_config,
         tokenizer=args.tokenizer,
         dtype=args.dtype,
-        quantize=args.quantize,
-        q_bits=args.q_bits,
-        q_group_size=args.q_group_size,
+        quantize=args.quantize or any(o is not None for o in (args.q_bits, args.q_group_size, args.q_recipe)),
+        q_bits=args.q_bits or DEFAULT_BITS,
+        q_group_size=args.q_group_size or DEFAULT_GROUP,
         q_recipe=args.q_recipe,
         force=args.force,
         max_shard_bytes=int(args.max_shard_size_gb * (1 << 30)),

@@ -7,6 +7,7 @@ tokenizer files and a short model card.
 """
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from datetime import date
@@ -20,7 +21,7 @@ from tqdm import tqdm
 import elm_mlx
 from elm_mlx.errors import ElmError
 from elm_mlx.files import atomic_directory, refuse_existing, save_weights
-from elm_mlx.dtypes import DTYPES
+from elm_mlx.dtypes import DTYPES, default_dtype
 from elm_mlx.models import architecture
 from elm_mlx.quantize import bits_per_weight, check_options, quantize_model
 
@@ -81,7 +82,10 @@ def convert_checkpoint(
     checkpoint.name = name or checkpoint.name
     weights = checked_weights(checkpoint)
     tokenizer_files = find_tokenizer(tokenizer, checkpoint.directory, checkpoint.args.model_type)
-    dtype = dtype or checkpoint.args.preferred_dtype
+    if dtype is None:
+        dtype, why = default_dtype(checkpoint.args.preferred_dtype)
+        if progress:
+            print(f"dtype: {dtype} ({why}; --dtype to override)", file=sys.stderr)
     target = DTYPES[dtype]
 
     model = architecture(checkpoint.args.model_type).Model(checkpoint.args)

@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from .dtypes import DTYPES  # noqa: F401  (re-exported: the CLIs take their --dtype choices from here)
+from .dtypes import DTYPES, default_dtype  # noqa: F401  (DTYPES re-exported: the CLIs take their --dtype choices from here)
 from .errors import ConfigError, ElmError
 from .files import read_safetensors
 from .hub import looks_like_repo_id, snapshot
@@ -132,6 +132,15 @@ def _written_by_pytorch(file: Path) -> bool:
         return False
 
 
+def _args(model_dir: Path):
+    """The ModelArgs a source's config.json describes (read as the converter reads it)."""
+    config = load_config(model_dir)
+    try:
+        return architecture(config.get("model_type", "openelm")).ModelArgs.from_dict(config)
+    except (TypeError, ValueError) as e:
+        raise ElmError(f"{model_dir / 'config.json'}: invalid config ({e})") from None
+
+
 def _converted_copy(
     model_dir: Path, name: str, dtype: Optional[str], q_bits: Optional[int], q_group_size: int, q_recipe: Optional[str]
 ) -> Path:
@@ -142,12 +151,12 @@ def _converted_copy(
     """
     from convert.pipeline import convert_checkpoint
 
-    if dtype is None:  # float32 is by far the fastest on MLX's CPU backend
-        dtype = "float32" if mx.default_device() == mx.cpu else None
+    if dtype is None:  # named here, not by the converter, because the cache key holds it
+        dtype, _ = default_dtype(_args(model_dir).preferred_dtype)
     fingerprint = hashlib.sha256(str(model_dir.resolve()).encode())
     for f in sorted(model_dir.iterdir()):
         fingerprint.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
-    variant = f"{dtype or 'default'}" + (f"-q{q_bits}g{q_group_size}" + (f"-{q_recipe}" if q_recipe else "") if q_bits else "")
+    variant = dtype + (f"-q{q_bits}g{q_group_size}" + (f"-{q_recipe}" if q_recipe else "") if q_bits else "")
     target = cache_root() / "converted" / f"{name.replace('/', '--')}-{fingerprint.hexdigest()[:12]}-{variant}"
     if target.is_dir():
         print(f"using the converted copy in {target}", file=sys.stderr)

@@ -287,6 +287,52 @@ def test_existing_output_is_refused_unless_forced(tmp_path, tokenizer_file):
     assert "parameters" in result.stdout and "MB" in result.stdout
 
 
+@pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the default for MLX's CPU device")
+def test_default_dtype_on_the_cpu_is_float32_and_said(tmp_path, tokenizer_file):
+    """Half precision is emulated on MLX's CPU backend and several times slower there."""
+    source = write_hf(tmp_path / "src", tiny_config(), torch_state_dict(tiny_config()), "safetensors")
+    result = run_convert("--hf-path", str(source), "--mlx-path", str(tmp_path / "out"), "--tokenizer", tokenizer_file)
+    assert result.returncode == 0, result.stderr
+    assert "dtype: float32 (MLX runs on the CPU here; --dtype to override)" in result.stderr
+    assert "float32" in result.stdout and "- dtype: float32" in (tmp_path / "out" / "README.md").read_text()
+    weights = mx.load(str(tmp_path / "out" / "model.safetensors"))
+    assert {v.dtype for v in weights.values()} == {mx.float32}
+
+    result = run_convert("--hf-path", str(source), "--mlx-path", str(tmp_path / "half"), "--tokenizer", tokenizer_file, "--dtype", "float16")
+    assert result.returncode == 0 and "dtype: " not in result.stderr, result.stderr  # named, so nothing to explain
+    assert {v.dtype for v in mx.load(str(tmp_path / "half" / "model.safetensors")).values()} == {mx.float16}
+
+
+def test_default_dtype_on_the_gpu_is_the_models_half_precision(monkeypatch):
+    from elm_mlx.dtypes import default_dtype
+    from elm_mlx.models.openelm import ModelArgs
+
+    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
+    assert default_dtype(ModelArgs.from_corenet_name("OpenELM-270M").preferred_dtype) == ("float16", "MLX runs on the GPU here")
+    assert default_dtype(ModelArgs.from_corenet_name("OpenELM-3B").preferred_dtype)[0] == "bfloat16"
+    monkeypatch.setattr(mx, "default_device", lambda: mx.cpu)
+    assert default_dtype("bfloat16") == ("float32", "MLX runs on the CPU here")
+
+
+@pytest.mark.parametrize(
+    "options, block",
+    [
+        (["--q-bits", "8"], {"group_size": 64, "bits": 8}),
+        (["--q-group-size", "32"], {"group_size": 32, "bits": 4}),
+        (["-q"], {"group_size": 64, "bits": 4}),
+    ],
+)
+def test_any_quantization_option_quantizes(tmp_path, tokenizer_file, options, block):
+    """--q-bits without -q once converted silently unquantized."""
+    source = write_hf(tmp_path / "src", QUANT_CONFIG, torch_state_dict(QUANT_CONFIG), "safetensors")
+    result = run_convert("--hf-path", str(source), "--mlx-path", str(tmp_path / "q"), "--tokenizer", tokenizer_file, *options)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization"] == block
+    assert f"{block['bits']}-bit, group size {block['group_size']}" in result.stdout
+    model, _ = load(str(tmp_path / "q"))
+    assert model.layers[0].attn.qkv_proj.bits == block["bits"]
+
+
 def test_missing_tokenizer_offline_says_what_to_pass(tmp_path, monkeypatch):
     import huggingface_hub.constants as hf_constants
 
