@@ -10,7 +10,7 @@ import mlx.nn as nn
 
 from .cache import PromptCache, make_cache
 from .errors import ElmError
-from .sample import LogitsProcessor, Sampler, SamplingParams, make_logits_processors, make_sampler
+from .sample import LogitsProcessor, Sampler, SamplingParams, key_stream, make_logits_processors, make_sampler
 from .tokenizer import Tokenizer
 
 
@@ -60,6 +60,19 @@ def answer_budget(prompt_tokens: int, wanted: int, limit: Optional[int]) -> int:
     return max(1, min(wanted, limit - prompt_tokens))
 
 
+def prefill_chunk(model: nn.Module, tokens: mx.array, cache: list, start: int, end: int, step_size: int) -> int:
+    """Run tokens[start:] (at most step_size of them, none past `end`) into `cache`; return where the next chunk starts.
+
+    The single-stream and the batched paths both prefill with this, chunk by
+    chunk from the prompt's start, so a prompt's cache is computed the same way
+    in both.
+    """
+    n = min(step_size, end - start)
+    model(tokens[start : start + n][None], cache=cache)
+    mx.eval([c.state for c in cache])
+    return start + n
+
+
 def generate_step(
     prompt: Sequence[int],
     model: nn.Module,
@@ -69,6 +82,7 @@ def generate_step(
     cache: Optional[list] = None,
     context: Sequence[int] = (),
     cancel: Optional[Callable[[], bool]] = None,
+    keys: Optional[Iterator[mx.array]] = None,
 ) -> Iterator[Tuple[int, mx.array]]:
     """Yield (token id, log-probabilities) forever; the caller decides when to stop.
 
@@ -77,7 +91,8 @@ def generate_step(
     Ctrl-C) is heeded between chunks: raises Cancelled when it returns true.
     While the caller handles token n, token n+1 is already being computed
     (mx.async_eval). `context` names tokens already in `cache` before
-    `prompt`, for logits processors.
+    `prompt`, for logits processors. `keys` (see sample.key_stream) gives
+    each token's random key; without it the global generator is used.
     """
     cache = cache if cache is not None else make_cache(model)
     tokens = mx.array(prompt, dtype=mx.uint32)
@@ -89,21 +104,18 @@ def generate_step(
         for processor in logits_processors:
             logits = processor(history, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        token = sampler(logprobs)
+        token = sampler(logprobs, key=next(keys)) if keys is not None else sampler(logprobs)
         if logits_processors:
             history = mx.concatenate([history, token.astype(mx.uint32)])
         return token, logprobs.squeeze(0)
 
-    total = tokens.size
-    while tokens.size > 1:
+    done, end = 0, tokens.size - 1
+    while done < end:
         if cancel is not None and cancel():
-            raise Cancelled(total - tokens.size, total)
-        n = min(prefill_step_size, tokens.size - 1)
-        model(tokens[:n][None], cache=cache)
-        mx.eval([c.state for c in cache])
-        tokens = tokens[n:]
+            raise Cancelled(done, tokens.size)
+        done = prefill_chunk(model, tokens, cache, done, end, prefill_step_size)
 
-    token, logprobs = step(tokens)
+    token, logprobs = step(tokens[end:])
     mx.async_eval(token, logprobs)
     while True:
         next_token, next_logprobs = step(token)
@@ -160,6 +172,57 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return longest
 
 
+@dataclass
+class Piece:
+    """Text for one generated token (`token` set), or the closing text of a sequence (`finish_reason` set)."""
+
+    text: str
+    token: Optional[int] = None
+    finish_reason: Optional[str] = None
+
+
+class TextStream:
+    """One sequence's tokens turned into text, and the decision when it ends.
+
+    Shared by stream_generate and the batch engine, so both stop alike: an
+    end-of-sequence token ends with "stop" and is not shown; text that may be
+    the start of a stop string is held back until it cannot be; a stop string
+    ends with "stop" and neither it nor anything after it is shown; the
+    max_tokens-th token ends with "length".
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str], max_tokens: int):
+        self.detokenizer = tokenizer.detokenizer(trim_leading_space=False)
+        self.eos_ids = tokenizer.eos_ids
+        self.stop = [s for s in stop if s]
+        self.max_tokens = max_tokens
+        self.pending = ""  # decoded text not yet handed out (it may start a stop string)
+        self.generated = 0
+        self.finish_reason: Optional[str] = None
+
+    def add(self, token: int) -> List[Piece]:
+        """The pieces `token` gives: its text (unless it ends the sequence unseen), then the closing piece if it ends it."""
+        if token in self.eos_ids:
+            return [self.close("stop")]
+        self.generated += 1
+        self.pending += self.detokenizer.add(token)
+        hit = min((i for i in (self.pending.find(s) for s in self.stop) if i >= 0), default=-1)
+        if hit >= 0:
+            text, self.pending = self.pending[:hit], ""
+            return [Piece(text, token), self.close("stop", flush=False)]  # bytes buffered past the stop go too
+        keep = _held_back(self.pending, self.stop) if self.stop else 0
+        text, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
+        if self.generated >= self.max_tokens:
+            return [Piece(text, token), self.close("length")]
+        return [Piece(text, token)]
+
+    def close(self, reason: str, flush: bool = True) -> Piece:
+        """End the sequence; with flush, hand out what was held back."""
+        text = self.pending + self.detokenizer.finalize() if flush else ""
+        self.pending, self.finish_reason = "", reason
+        return Piece(text, finish_reason=reason)
+
+
 def stream_generate(
     model: nn.Module,
     tokenizer: Tokenizer,
@@ -184,21 +247,17 @@ def stream_generate(
     check_request(prompt, max_tokens, prefill_step_size, seed)
     prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     check_context(len(prompt_ids), max_tokens, context_length(model))
-    stop = [s for s in stop if s]
-    if seed is not None:
-        mx.random.seed(seed)
 
     reused = prompt_cache.reuse(prompt_ids) if prompt_cache is not None else 0
     fed = list(prompt_ids)  # every token the model has seen, for the prompt cache
     try:
-        yield from _stream(model, tokenizer, prompt_ids, reused, fed, max_tokens, sampling, stop, prefill_step_size, prompt_cache, cancel)
+        yield from _stream(model, tokenizer, prompt_ids, reused, fed, max_tokens, sampling, stop, seed, prefill_step_size, prompt_cache, cancel)
     finally:
         if prompt_cache is not None:
             prompt_cache.record(fed)
 
 
-def _stream(model, tokenizer, prompt_ids, reused, fed, max_tokens, sampling, stop, prefill_step_size, prompt_cache, cancel):
-    detokenizer = tokenizer.detokenizer(trim_leading_space=False)
+def _stream(model, tokenizer, prompt_ids, reused, fed, max_tokens, sampling, stop, seed, prefill_step_size, prompt_cache, cancel):
     steps = generate_step(
         prompt_ids[reused:],
         model,
@@ -208,54 +267,43 @@ def _stream(model, tokenizer, prompt_ids, reused, fed, max_tokens, sampling, sto
         cache=prompt_cache.cache if prompt_cache is not None else None,
         context=prompt_ids[:reused],
         cancel=cancel,
+        keys=key_stream(seed) if seed is not None else None,
     )
     mx.reset_peak_memory()
     start = time.perf_counter()
     first_token_time = None
-    pending = ""  # decoded text not yet handed out (it may start a stop string)
-    finish_reason = "length"
-    n = 0
+    text = TextStream(tokenizer, stop, max_tokens)
 
-    def response(text, token=None, logprobs=None, finish=None) -> GenerationResponse:
+    def response(piece: Piece, logprobs=None) -> GenerationResponse:
         now = time.perf_counter()
         prefill = (first_token_time or now) - start
         decode = now - first_token_time if first_token_time else 0.0
+        n = text.generated
         return GenerationResponse(
-            text=text,
-            token=token,
-            logprobs=logprobs,
+            text=piece.text,
+            token=piece.token,
+            logprobs=logprobs if piece.token is not None else None,
             prompt_tokens=len(prompt_ids),
             prompt_tps=(len(prompt_ids) - reused) / prefill if prefill > 0 else 0.0,
             generation_tokens=n,
             # The first token comes out of the prefill; decode speed counts the rest.
             generation_tps=(n - 1) / decode if n > 1 and decode > 0 else 0.0,
             peak_memory_gb=mx.get_peak_memory() / 1e9,
-            finish_reason=finish,
+            finish_reason=piece.finish_reason,
             prompt_cached_tokens=reused,
         )
 
-    for token, logprobs in steps:
-        fed.append(token)
-        if first_token_time is None:
-            first_token_time = time.perf_counter()
-        if token in tokenizer.eos_ids:
-            finish_reason = "stop"
-            break
-        n += 1
-        pending += detokenizer.add(token)
-        hit = min((i for i in (pending.find(s) for s in stop) if i >= 0), default=-1)
-        if hit >= 0:
-            yield response(pending[:hit], token, logprobs)
-            steps.close()
-            yield response("", finish="stop")  # bytes buffered after the stop string are dropped too
-            return
-        keep = _held_back(pending, stop) if stop else 0
-        text, pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
-        yield response(text, token, logprobs)
-        if n >= max_tokens:
-            break
-    steps.close()
-    yield response(pending + detokenizer.finalize(), finish=finish_reason)
+    try:
+        for token, logprobs in steps:
+            fed.append(token)
+            if first_token_time is None:
+                first_token_time = time.perf_counter()
+            for piece in text.add(token):
+                yield response(piece, logprobs)
+            if text.finish_reason is not None:
+                return
+    finally:
+        steps.close()
 
 
 def generate(
@@ -287,8 +335,17 @@ def print_stream(responses: Iterable[GenerationResponse], stats: bool) -> str:
 
 
 def format_stats(r: GenerationResponse) -> str:
+    """One line of counts and speeds; a speed that was not measurable (one token, no time) reads "-"."""
     return (
-        f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tok/s | "
-        f"generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tok/s | "
+        f"prompt: {_count(r.prompt_tokens)}, {_rate(r.prompt_tps)} | "
+        f"generation: {_count(r.generation_tokens)}, {_rate(r.generation_tps)} | "
         f"peak memory: {r.peak_memory_gb:.3f} GB"
     )
+
+
+def _count(n: int) -> str:
+    return f"{n} token" if n == 1 else f"{n} tokens"
+
+
+def _rate(tokens_per_second: float) -> str:
+    return f"{tokens_per_second:.1f} tok/s" if tokens_per_second > 0 else "- tok/s"

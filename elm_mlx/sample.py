@@ -17,13 +17,14 @@ computed in float32 within a range that keeps every logit finite.
 
 import math
 from dataclasses import dataclass
-from typing import Callable, List
+from typing import Callable, Iterator, List, Optional
 
 import mlx.core as mx
 
 from .errors import ElmError
 
-Sampler = Callable[[mx.array], mx.array]
+# sampler(logprobs, key=None): a key (mx.random.key) makes the draw depend on it alone, not on the global seed.
+Sampler = Callable[..., mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 
@@ -120,17 +121,32 @@ def apply_temperature(logprobs: mx.array, temp: float) -> mx.array:
 
 
 def make_sampler(params: SamplingParams) -> Sampler:
-    """A function from log-probabilities (batch, vocab) to token ids (batch,)."""
-    if params.temp == 0:
-        return lambda logprobs: mx.argmax(logprobs, axis=-1)
+    """A function from log-probabilities (batch, vocab), and an optional random key, to token ids (batch,).
 
-    def sample(logprobs: mx.array) -> mx.array:
+    With a key, the draw depends on the key alone: a sequence that owns its
+    key gets the same tokens whatever else is sampled around it.
+    """
+    if params.temp == 0:
+        return lambda logprobs, key=None: mx.argmax(logprobs, axis=-1)
+
+    def sample(logprobs: mx.array, key: Optional[mx.array] = None) -> mx.array:
         logprobs = apply_top_k(logprobs, params.top_k)
         logprobs = apply_top_p(logprobs, params.top_p)
         logprobs = apply_min_p(logprobs, params.min_p)
-        return mx.random.categorical(apply_temperature(logprobs, params.temp), axis=-1)
+        return mx.random.categorical(apply_temperature(logprobs, params.temp), axis=-1, key=key)
 
     return sample
+
+
+def key_stream(seed: Optional[int]) -> Iterator[mx.array]:
+    """One random key per token for one sequence: from `seed`, or, without one, from the global generator
+    (so mx.random.seed still makes unseeded runs repeatable)."""
+    if seed is None:
+        seed = mx.random.randint(0, 1 << 31, ()).item()
+    key = mx.random.key(seed)
+    while True:
+        key, subkey = mx.random.split(key)
+        yield subkey
 
 
 def apply_repetition_penalty(logits: mx.array, tokens: mx.array, penalty: float) -> mx.array:

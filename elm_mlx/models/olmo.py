@@ -11,13 +11,16 @@ model.layers.{i}.mlp.{gate,up,down}_proj, lm_head when untied.
 """
 
 from dataclasses import MISSING, dataclass, fields
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import ConfigError
 from . import checks as F
+
+# None (attend to everything), "causal", or an explicit boolean/additive array (batches of unequal lengths).
+Mask = Union[None, str, mx.array]
 
 
 @dataclass
@@ -105,7 +108,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=False)
         self.rope = nn.RoPE(self.head_dim, traditional=False, base=args.rope_theta)
 
-    def __call__(self, x: mx.array, mask: Optional[str], cache: Optional[Any]) -> mx.array:
+    def __call__(self, x: mx.array, mask: Mask, cache: Optional[Any]) -> mx.array:
         B, L, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.clip_qkv is not None:
@@ -146,7 +149,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = layer_norm(args)
         self.mlp = MLP(args)
 
-    def __call__(self, x: mx.array, mask: Optional[str], cache: Optional[Any]) -> mx.array:
+    def __call__(self, x: mx.array, mask: Mask, cache: Optional[Any]) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -158,16 +161,17 @@ class OlmoModel(nn.Module):
         self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
         self.norm = layer_norm(args)
 
-    def __call__(self, tokens: mx.array, cache: Optional[Sequence[Any]]) -> mx.array:
+    def __call__(self, tokens: mx.array, cache: Optional[Sequence[Any]], mask: Mask = None) -> mx.array:
         h = self.embed_tokens(tokens)
-        mask = "causal" if h.shape[1] > 1 else None
+        if mask is None:
+            mask = "causal" if h.shape[1] > 1 else None
         for layer, layer_cache in zip(self.layers, cache or [None] * len(self.layers)):
             h = layer(h, mask, layer_cache)
         return self.norm(h)
 
 
 class Model(nn.Module):
-    """OLMo for causal LM: token ids (B, L) -> next-token logits (B, L, vocab)."""
+    """OLMo for causal LM: token ids (B, L) -> next-token logits (B, L, vocab); `mask` as in OpenELM's Model."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -177,8 +181,8 @@ class Model(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
-    def __call__(self, tokens: mx.array, cache: Optional[Sequence[Any]] = None) -> mx.array:
-        h = self.model(tokens, cache)
+    def __call__(self, tokens: mx.array, cache: Optional[Sequence[Any]] = None, mask: Optional[mx.array] = None) -> mx.array:
+        h = self.model(tokens, cache, mask)
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)

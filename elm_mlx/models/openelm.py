@@ -17,7 +17,7 @@ Parameter names follow Apple's Hugging Face checkpoints
 """
 
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -25,6 +25,9 @@ import numpy as np
 
 from ..errors import ConfigError
 from . import checks as F
+
+# What attention gets: None (attend to everything), "causal", or an explicit boolean/additive array.
+Mask = Union[None, str, mx.array]
 
 # --------------------------------------------------------------------------
 # Configuration
@@ -194,13 +197,14 @@ class Attention(nn.Module):
             self.k_norm = nn.RMSNorm(args.head_dim, eps=args.rms_norm_eps)
         self.rope = nn.RoPE(args.head_dim, traditional=False, base=args.rope_freq_constant)
 
-    def __call__(self, x: mx.array, mask: Optional[str], cache: Optional[Any]) -> mx.array:
+    def __call__(self, x: mx.array, mask: Mask, cache: Optional[Any]) -> mx.array:
         B, L, _ = x.shape
         qkv = self.qkv_proj(x).reshape(B, L, -1, self.head_dim).transpose(0, 2, 1, 3)
         q, k, v = mx.split(qkv, [self.n_heads, self.n_heads + self.n_kv_heads], axis=1)
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)
 
+        # A batched cache gives one offset per sequence (see elm_mlx.cache.BatchKVCache).
         offset = cache.offset if cache is not None else 0
         q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if cache is not None:
@@ -237,7 +241,7 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = nn.RMSNorm(args.model_dim, eps=args.rms_norm_eps)
         self.ffn = FeedForward(args, layer)
 
-    def __call__(self, x: mx.array, mask: Optional[str], cache: Optional[Any]) -> mx.array:
+    def __call__(self, x: mx.array, mask: Mask, cache: Optional[Any]) -> mx.array:
         h = x + self.attn(self.attn_norm(x), mask, cache)
         return h + self.ffn(self.ffn_norm(h))
 
@@ -249,18 +253,24 @@ class OpenELMModel(nn.Module):
         self.layers = [TransformerBlock(args, i) for i in range(args.num_transformer_layers)]
         self.norm = nn.RMSNorm(args.model_dim, eps=args.rms_norm_eps)
 
-    def __call__(self, tokens: mx.array, cache: Optional[Sequence[Any]]) -> mx.array:
+    def __call__(self, tokens: mx.array, cache: Optional[Sequence[Any]], mask: Mask = None) -> mx.array:
         h = self.token_embeddings(tokens)
-        # A single new token may attend to everything cached: no mask at all.
-        # Longer inputs use the kernel's causal mode, aligned to the cache's end.
-        mask = "causal" if h.shape[1] > 1 else None
+        if mask is None:
+            # A single new token may attend to everything cached: no mask at all.
+            # Longer inputs use the kernel's causal mode, aligned to the cache's end.
+            mask = "causal" if h.shape[1] > 1 else None
         for layer, layer_cache in zip(self.layers, cache or [None] * len(self.layers)):
             h = layer(h, mask, layer_cache)
         return self.norm(h)
 
 
 class Model(nn.Module):
-    """OpenELM for causal LM: token ids (B, L) -> next-token logits (B, L, vocab)."""
+    """OpenELM for causal LM: token ids (B, L) -> next-token logits (B, L, vocab).
+
+    `mask` (a boolean or additive array broadcast to (B, heads, L, keys)) is
+    for batches of sequences of different lengths; without it, inputs are
+    causal and every row attends to all of its cache.
+    """
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -270,8 +280,8 @@ class Model(nn.Module):
         if not args.share_input_output_layers:
             self.lm_head = nn.Linear(args.model_dim, args.vocab_size, bias=False)
 
-    def __call__(self, tokens: mx.array, cache: Optional[Sequence[Any]] = None) -> mx.array:
-        h = self.transformer(tokens, cache)
+    def __call__(self, tokens: mx.array, cache: Optional[Sequence[Any]] = None, mask: Optional[mx.array] = None) -> mx.array:
+        h = self.transformer(tokens, cache, mask)
         if self.args.share_input_output_layers:
             return self.transformer.token_embeddings.as_linear(h)
         return self.lm_head(h)
