@@ -17,6 +17,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 import elm_mlx
+from elm_mlx._blas import slow_blas_notice
 from elm_mlx.cli import ArgumentParser, check_output_path, int_at_least, positive_int, run_cli
 from elm_mlx.errors import ElmError
 from elm_mlx.files import atomic_directory
@@ -155,6 +156,9 @@ def main(argv=None) -> None:
     if out.exists() and not args.force:
         raise ElmError(f"{out} already exists; pass --force to replace it")
     check_output_path(out, "--out")  # before minutes of measuring
+    notice = slow_blas_notice()
+    if notice:  # the figures below would be those of a slow BLAS (results.json and results.md name it too)
+        print(notice, file=sys.stderr)
 
     with atomic_directory(out, args.force) as staging:
         print("measuring memory bandwidth ...", file=sys.stderr)

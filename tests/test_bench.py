@@ -1,6 +1,7 @@
 """The benchmark's honesty checks: the ablation computes the same thing, and the report has every figure."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -81,6 +82,8 @@ def test_quick_run_writes_every_figure(tmp_path):
     for name in ("results.md", "tps_by_size.png", "ablation.png"):
         assert (out / name).stat().st_size > 0
     assert "gen tok/s" in result.stdout
+    blas = data["machine"]["blas"]  # which BLAS made these figures, in both reports
+    assert blas.split(" ")[0] in ("openblas", "mkl", "reference", "platform") and f"BLAS: {blas}" in (out / "results.md").read_text()
 
     again = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert again.returncode != 0 and "already exists; pass --force" in again.stderr
@@ -92,6 +95,7 @@ def test_unknown_shape_is_one_line():
 
 
 def test_a_model_directory_is_benchmarked_with_its_own_weights(tmp_path, tiny_model_dir):
+    """Run with the wheel's reference BLAS: the bench says so once and records it."""
     out = tmp_path / "r"
     command = [
         sys.executable,
@@ -108,8 +112,12 @@ def test_a_model_directory_is_benchmarked_with_its_own_weights(tmp_path, tiny_mo
         "--out",
         str(out),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "ELM_MLX_BLAS": "reference"})
     assert result.returncode == 0, result.stderr
-    rows = json.loads((out / "results.json").read_text())["rows"]
+    data = json.loads((out / "results.json").read_text())
+    rows = data["rows"]
+    if sys.platform == "linux":
+        assert data["machine"]["blas"] == "reference (ELM_MLX_BLAS)"
+        assert result.stderr.count("slow reference BLAS") == (1 if mx.default_device() == mx.cpu else 0)
     assert {r["variant"] for r in rows} == {"fused", "naive", "mlx-lm"}
     assert all(r["model"] == tiny_model_dir.name and r["parameters"] > 0 for r in rows)
