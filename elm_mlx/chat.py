@@ -1,27 +1,45 @@
 """Chat with a model in the terminal.
 
-python -m elm_mlx.chat --model apple/OpenELM-270M-Instruct
+elm-mlx chat --model apple/OpenELM-270M-Instruct
 
 Multi-turn with the model's chat template, answers streamed as they are
 generated. The KV cache is kept across turns: each turn computes only its new
-tokens, never the history again. Commands: /reset, /system TEXT, /exit
-(or Ctrl-D). Ctrl-C stops the answer being written, not the program.
+tokens, never the history again. Commands: /help, /stats, /reset,
+/system TEXT, /save FILE, /exit (or Ctrl-D). Ctrl-C stops the answer being
+written, not the program.
 """
 
-import argparse
+import json
 import signal
 import sys
+from dataclasses import asdict
+from pathlib import Path
 from typing import List, Optional, Tuple
 
+import mlx.core as mx
+
 from .cache import PromptCache
-from .cli import SAMPLING_SEED, ArgumentParser, positive_int, run_cli
+from .cli import ArgumentParser, describe_os_error, one_line, run_cli
 from .errors import ElmError
+from .files import write_text_atomically
 from .generation import GenerationResponse, context_length, format_stats, stream_generate
-from .load import load
+from .options import (
+    add_generation_options,
+    add_model_options,
+    add_sampling_options,
+    add_verbose_option,
+    load_from_args,
+    notice,
+    sampling_from_args,
+)
 from .sample import SamplingParams
 from .tokenizer import Tokenizer
 
-HELP = "commands: /reset (forget the conversation), /system TEXT (new system prompt, resets), /exit (or Ctrl-D)"
+HELP = (
+    "commands: /help, /stats (model, context used, last answer's speed), /reset (forget the conversation), "
+    "/system TEXT (new system prompt, resets; /system alone clears it), /save FILE (the conversation as JSON), /exit (or Ctrl-D)"
+)
+TRANSCRIPT_FORMAT = "elm-mlx chat transcript"
 
 
 class ChatSession:
@@ -38,6 +56,7 @@ class ChatSession:
         self.context_length = context_length(model)
         self.system = system
         self.notice = notice or (lambda text: None)  # told when turns are dropped
+        self.last: Optional[GenerationResponse] = None  # the last answer's final stats
         self.reset()
 
     def reset(self) -> None:
@@ -97,20 +116,16 @@ class ChatSession:
         """Stream the answer; the turn is recorded even when the caller stops early."""
         prompt, budget = self.fitted_prompt(user_text, max_tokens)
         responses = stream_generate(self.model, self.tokenizer, prompt, budget, sampling, prompt_cache=self.prompt_cache)
-        answer = []
+        answer, r = [], None
         try:
             for r in responses:
                 answer.append(r.text)
                 yield r
         finally:
             responses.close()
+            self.last = r if answer else None
             self.tokens = list(self.prompt_cache.tokens)
             self.messages += [{"role": "user", "content": user_text}, {"role": "assistant", "content": "".join(answer)}]
-
-
-def dim(text: str) -> str:
-    """Faint on a terminal, plain otherwise."""
-    return f"\x1b[2m{text}\x1b[0m" if sys.stderr.isatty() else text
 
 
 def _stats(r: GenerationResponse) -> str:
@@ -118,11 +133,82 @@ def _stats(r: GenerationResponse) -> str:
     return f"[{new} new prompt tokens, {r.prompt_cached_tokens} from cache] " + format_stats(r)
 
 
-def repl(session: ChatSession, max_tokens: int, sampling: SamplingParams, stats: bool) -> None:
+def session_stats(session: ChatSession, model_name: str) -> str:
+    """What /stats shows: the model, how full the context is, and the last answer's speed."""
+    limit = session.context_length
+    used = len(session.tokens)
+    lines = [
+        f"model: {model_name}",
+        f"context: {used} of {limit} tokens used ({100 * used / limit:.0f}%)" if limit else f"context: {used} tokens used",
+        f"turns: {sum(m['role'] == 'user' for m in session.messages)}" + (f"; system prompt: {session.system!r}" if session.system else ""),
+    ]
+    lines.append(f"last answer: {_stats(session.last)}" if session.last else "last answer: none yet")
+    return "\n".join(lines)
+
+
+def save_transcript(session: ChatSession, model_name: str, sampling: SamplingParams, file: str) -> str:
+    """Write the conversation as JSON, whole or not at all. An existing file is replaced only if it is a transcript of ours."""
+    path = Path(file).expanduser()
+    if path.is_dir():
+        raise ElmError(f"{path} is a directory; /save needs a file name")
+    if path.exists() or path.is_symlink():
+        if path.is_symlink() or not _is_transcript(path):
+            raise ElmError(f"{path} already exists and is not a chat transcript; choose another name")
+    record = {
+        "format": TRANSCRIPT_FORMAT,
+        "model": model_name,
+        "system": session.system,
+        "sampling": asdict(sampling),
+        "messages": session.messages,
+    }
+    try:
+        write_text_atomically(path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    except OSError as e:
+        raise ElmError(describe_os_error(e)) from None
+    return str(path)
+
+
+def _is_transcript(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(200)
+    except OSError:
+        return False
+    return TRANSCRIPT_FORMAT.encode() in head
+
+
+def command(session: ChatSession, text: str, model_name: str, sampling: SamplingParams) -> Optional[str]:
+    """Carry out a /command; return what to tell the user ("exit" to leave)."""
+    name, _, rest = text.partition(" ")
+    rest = rest.strip()
+    if name in ("/exit", "/quit"):
+        return "exit"
+    if name == "/help":
+        return HELP
+    if name == "/stats":
+        return session_stats(session, model_name)
+    if name == "/reset":
+        session.reset()
+        return "(conversation cleared)"
+    if name == "/system":
+        session.system = rest or None
+        session.reset()
+        return f"(system prompt {'set' if session.system else 'cleared'}; conversation cleared)"
+    if name == "/save":
+        if not rest:
+            return "(/save needs a file name, e.g. /save chat.json)"
+        try:
+            return f"(saved {len(session.messages)} messages to {save_transcript(session, model_name, sampling, rest)})"
+        except ElmError as e:
+            return f"error: {e}"
+    return f"(unknown command {one_line(name, 40)}; {HELP})"
+
+
+def repl(session: ChatSession, max_tokens: int, sampling: SamplingParams, stats: bool, model_name: str = "model") -> None:
     # Ctrl-C is part of this program's interface. A shell starts background jobs with SIGINT
     # ignored, and Python then leaves it ignored; take it back.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    print(f"chatting; {HELP}", file=sys.stderr)
+    print(f"chatting with {model_name}; {HELP}", file=sys.stderr)
     while True:
         try:
             line = input(">>> ")
@@ -135,19 +221,11 @@ def repl(session: ChatSession, max_tokens: int, sampling: SamplingParams, stats:
         text = line.strip()
         if not text:
             continue
-        if text in ("/exit", "/quit"):
-            return
-        if text == "/reset":
-            session.reset()
-            print("(conversation cleared)", file=sys.stderr)
-            continue
-        if text.startswith("/system"):
-            session.system = text[len("/system") :].strip() or None
-            session.reset()
-            print(f"(system prompt {'set' if session.system else 'cleared'}; conversation cleared)", file=sys.stderr)
-            continue
         if text.startswith("/"):
-            print(f"(unknown command {text.split()[0]}; {HELP})", file=sys.stderr)
+            reply = command(session, text, model_name, sampling)
+            if reply == "exit":
+                return
+            print(reply, file=sys.stderr)
             continue
         last = None
         answer = session.ask(line, max_tokens, sampling)
@@ -167,28 +245,32 @@ def repl(session: ChatSession, max_tokens: int, sampling: SamplingParams, stats:
             print(_stats(last), file=sys.stderr)
 
 
-def main(argv: Optional[List[str]] = None) -> None:
-    defaults = SamplingParams()
-    p = ArgumentParser(prog="python -m elm_mlx.chat", description="Chat with an -Instruct model in the terminal.")
-    p.add_argument("--model", required=True, help="model directory or Hugging Face repo id")
-    p.add_argument("--adapter-path", help="apply fine-tuned adapters from this directory")
-    p.add_argument("--system", help="system prompt")
-    p.add_argument("--max-tokens", "-m", type=positive_int, default=512, help="most tokens per answer, within the context (default: %(default)s)")
-    p.add_argument("--temp", type=float, default=defaults.temp, help="(default: %(default)s)")
-    p.add_argument("--top-p", type=float, default=defaults.top_p, help="(default: %(default)s)")
-    p.add_argument("--min-p", type=float, default=defaults.min_p, help="(default: %(default)s)")
-    p.add_argument("--repetition-penalty", type=float, default=1.2, help="Apple's samples use 1.2 (default: %(default)s)")
-    p.add_argument("--seed", type=SAMPLING_SEED, default=None)
-    p.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=True, help="stats after each answer (default: on)")
-    args = p.parse_args(argv)
-    sampling = SamplingParams(temp=args.temp, top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty)
-    model, tokenizer = load(args.model, adapter_path=args.adapter_path)
-    if args.seed is not None:
-        import mlx.core as mx
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m elm_mlx.chat", description="Chat with a model in the terminal (best with -Instruct models).")
+    add_model_options(p)
+    p.add_argument("--system", "--system-prompt", help="system prompt (default: none)")
+    add_generation_options(p, "most tokens per answer, within the context (default: %(default)s)", max_tokens_default=512, stop=False)
+    add_sampling_options(p, repetition_penalty=1.2)
+    p.add_argument(
+        "--stats", action="store_true", help="print prompt/cache/speed figures after every answer (/stats shows them on request)"
+    )
+    add_verbose_option(p, "print which model is used and conversion notes to stderr")
+    return p
 
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    sampling = sampling_from_args(args)
+    model_name, model, tokenizer = load_from_args(args, verbose=args.verbose)
+    if args.seed is not None:
         mx.random.seed(args.seed)
-    session = ChatSession(model, tokenizer, args.system, notice=lambda text: print(dim(text), file=sys.stderr))
-    repl(session, args.max_tokens, sampling, args.verbose)
+    session = ChatSession(model, tokenizer, args.system, notice=notice)
+    repl(session, args.max_tokens, sampling, args.stats, model_name=_display_name(model_name))
+
+
+def _display_name(model_name: str) -> str:
+    local = Path(model_name).expanduser()
+    return local.resolve().name if local.exists() else model_name
 
 
 if __name__ == "__main__":

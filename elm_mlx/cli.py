@@ -6,6 +6,7 @@ ELM_DEBUG=1 asks for it.
 """
 
 import argparse
+import difflib
 import errno
 import math
 import os
@@ -19,11 +20,50 @@ from .errors import ElmError
 DEBUG_VARIABLE = "ELM_DEBUG"
 
 
+# Set by the `elm-mlx` dispatcher, so that usage lines read "elm-mlx generate", not "python -m ...".
+invoked_as: Optional[str] = None
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (exit 2)."""
+    """argparse, but a usage error is one line on stderr (exit 2), and a mistyped flag is named as such.
+
+    Plain argparse checks required options first, so `--promt hi` was reported
+    as "--prompt is required"; here unknown options are reported first, with
+    the nearest known one.
+    """
+
+    def __init__(self, *args, **kwargs):
+        if invoked_as is not None:
+            kwargs["prog"] = invoked_as
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        unknown = self._unknown_options(args)
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}{self._suggestion(unknown[0])}")
+        return super().parse_args(args, namespace)
+
+    def _unknown_options(self, args) -> list:
+        """What argparse would call unrecognized, found before it checks for missing required options."""
+        required = [a for a in self._actions if a.required] + [g for g in self._mutually_exclusive_groups if g.required]
+        for item in required:
+            item.required = False
+        try:
+            _, extras = super().parse_known_args(args, argparse.Namespace())
+        finally:
+            for item in required:
+                item.required = True
+        return extras
+
+    def _suggestion(self, unknown: str) -> str:
+        flag = unknown.split("=", 1)[0]
+        known = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+        return f" (did you mean {close[0]}?)" if close else ""
 
 
 # --------------------------------------------------------------------------

@@ -91,6 +91,19 @@ def _output_names(path: Path):
     return names
 
 
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write a file whole or not at all: a temporary sibling, renamed over `path` once complete."""
+    path = Path(path)
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
 @contextmanager
 def atomic_directory(path: Path, force: bool = False, keep: Iterable[Path] = ()) -> Iterator[Path]:
     """Yield a temporary sibling of `path` to fill; it becomes `path` only if the block succeeds.

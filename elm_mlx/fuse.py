@@ -1,6 +1,6 @@
 """Merge fine-tuned adapters into a new model directory.
 
-python -m elm_mlx.fuse --model BASE --adapter-path adapters --save-path fused [--de-quantize]
+elm-mlx fuse [--model BASE] --adapter-path adapters --save-path fused [--de-quantize]
 
 The result loads like any model directory (elm-mlx and mlx-lm) and runs at
 the base model's speed. A quantized base stays quantized with the same
@@ -21,6 +21,7 @@ from .files import atomic_directory, refuse_existing, save_weights
 from .load import load_config, load_model, mlx_model_dir
 from .lora.adapters import apply_adapters
 from .lora.layers import fuse_adapters
+from .options import add_verbose_option, resolve_model
 from .quantize import dequantize_model
 from .tokenizer import TOKENIZER_FILES
 
@@ -57,13 +58,18 @@ def fuse(model_path: str, adapter_path: Path, save_path: Path, de_quantize: bool
 
 def main(argv: Optional[List[str]] = None) -> None:
     p = ArgumentParser(prog="python -m elm_mlx.fuse", description="Merge fine-tuned adapters into a new model directory.")
-    p.add_argument("--model", required=True, help="the base model the adapters were trained on (directory or repo id)")
+    p.add_argument(
+        "--model",
+        help="the base model the adapters were trained on, directory or repo id (default: the one adapter_config.json names)",
+    )
     p.add_argument("--adapter-path", default="adapters", help="adapter directory (default: %(default)s)")
     p.add_argument("--save-path", default="fused_model", help="new model directory (default: %(default)s)")
     p.add_argument("--de-quantize", action="store_true", help="write float weights even if the base is quantized")
-    p.add_argument("--force", action="store_true", help="replace --save-path if it exists")
+    p.add_argument("--force", action="store_true", help="replace --save-path if it is an earlier elm-mlx output")
+    add_verbose_option(p, "print which base model is used")
     args = p.parse_args(argv)
-    out = fuse(args.model, Path(args.adapter_path), Path(args.save_path), args.de_quantize, args.force)
+    model = resolve_model(args.model, args.adapter_path, verbose=args.verbose)
+    out = fuse(model, Path(args.adapter_path), Path(args.save_path), args.de_quantize, args.force)
     print(f"wrote {out}")
 
 

@@ -8,6 +8,7 @@ import elm_mlx  # noqa: F401, I001
 # isort: split
 import io
 import json
+import os
 import random
 from pathlib import Path
 
@@ -15,6 +16,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+
+
+# Commands say once when MLX runs on its slow reference BLAS. Tests that count stderr lines must not
+# depend on whether this machine has OpenBLAS; the notice's own tests turn it back on.
+os.environ["ELM_MLX_BLAS_NOTICE"] = "0"
 
 
 def pytest_report_header(config):

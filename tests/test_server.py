@@ -21,6 +21,7 @@ import pytest
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
+from conftest import random_weights, tiny_config, write_model_dir  # noqa: E402
 from elm_mlx.cache import PromptCache  # noqa: E402
 from elm_mlx.load import load  # noqa: E402
 from elm_mlx.server import Engine, make_app  # noqa: E402
@@ -246,7 +247,7 @@ class Terminal:
 
 
 def test_chat_repl_keeps_its_cache_across_turns(tiny_model_dir):
-    term = Terminal([sys.executable, "-m", "elm_mlx.chat", "--model", str(tiny_model_dir), "--temp", "0", "-m", "6"])
+    term = Terminal([sys.executable, "-m", "elm_mlx.chat", "--model", str(tiny_model_dir), "--temp", "0", "-m", "6", "--stats"])
     try:
         term.read_until(">>> ")
         term.send("the king speak now\n")
@@ -278,8 +279,11 @@ def test_chat_repl_keeps_its_cache_across_turns(tiny_model_dir):
     assert new3 > 0  # after /reset the history is gone (only the shared template start may be reused)
 
 
-def test_chat_repl_ctrl_c_stops_the_answer_not_the_program(tiny_model_dir):
-    term = Terminal([sys.executable, "-m", "elm_mlx.chat", "--model", str(tiny_model_dir), "--temp", "0", "-m", "100000"])
+def test_chat_repl_ctrl_c_stops_the_answer_not_the_program(tmp_path, tiny_sp_model):
+    # A long context, so that the answer of up to 100k tokens is still being written when Ctrl-C comes.
+    config = tiny_config(max_context_length=1 << 17)
+    model_dir = write_model_dir(tmp_path / "OpenELM-long", config, random_weights(config), tiny_sp_model)
+    term = Terminal([sys.executable, "-m", "elm_mlx.chat", "--model", str(model_dir), "--temp", "0", "-m", "100000"])
     try:
         term.read_until(">>> ")
         term.send("the king\n")

@@ -15,8 +15,8 @@ from tqdm import tqdm
 
 from ..cli import SEED, ArgumentParser, check_output_path, float_in, int_at_least, non_negative_int, positive_int
 from ..errors import ElmError
-from ..load import DTYPES, load
-from ..quantize import BITS, GROUP_SIZES
+from ..load import load
+from ..options import add_model_options, blas_notice, quantize_from_args, resolve_model
 from .adapters import ADAPTER_FILE, adapter_meta
 from .data import load_datasets
 from .layers import OPENELM_KEYS
@@ -26,14 +26,23 @@ from .trainer import FINE_TUNE_TYPES, Interrupted, TrainingConfig, prepare_model
 def build_parser() -> ArgumentParser:
     d = TrainingConfig()
     p = ArgumentParser(prog="python -m elm_mlx.lora", description="Fine-tune an OpenELM model: LoRA, DoRA, QLoRA or all weights.")
-    p.add_argument("--model", required=True, help="base model directory or Hugging Face repo id")
+    add_model_options(
+        p,
+        adapters=False,
+        model_help="base model directory or Hugging Face repo id (default: the bundled Shakespeare demo model)",
+    )
     p.add_argument(
         "--data",
         required=True,
         help="directory with train.jsonl and valid.jsonl (test.jsonl optional; .txt files also work), or one .txt file",
     )
     p.add_argument("--adapter-path", default="adapters", help="where adapters and checkpoints are written (default: %(default)s)")
-    p.add_argument("--fine-tune-type", choices=FINE_TUNE_TYPES, default=d.fine_tune_type, help="(default: %(default)s)")
+    p.add_argument(
+        "--fine-tune-type",
+        choices=FINE_TUNE_TYPES,
+        default=d.fine_tune_type,
+        help="lora, dora (LoRA with learned magnitudes) or full (all weights) (default: %(default)s)",
+    )
     p.add_argument(
         "--num-layers", type=int_at_least(-1), default=d.num_layers, help="adapt the last N transformer blocks, -1 for all (default: all)"
     )
@@ -50,9 +59,6 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--dropout", type=float_in(0, 1, high_open=True), default=d.dropout, help="dropout on the adapter input (default: %(default)s)"
     )
-    p.add_argument("--q-bits", type=int, choices=BITS, help="QLoRA: quantize the base model to this many bits first (cached)")
-    p.add_argument("--q-group-size", type=int, choices=GROUP_SIZES, default=64, help="quantization group size (default: %(default)s)")
-    p.add_argument("--dtype", choices=list(DTYPES), help="convert the base model to this dtype first (cached)")
     p.add_argument(
         "--batch-size", type=positive_int, default=d.batch_size, help="sequences per micro-batch, over all processes (default: %(default)s)"
     )
@@ -72,9 +78,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--max-seq-length", type=int_at_least(2), default=d.max_seq_length, help="tokens per sequence (default: %(default)s)")
     p.add_argument("--mask-prompt", action="store_true", help="train only on completions / assistant turns")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in the backward pass to save memory")
-    p.add_argument("--seed", type=SEED, default=d.seed, help="(default: %(default)s)")
-    p.add_argument("--steps-per-report", type=positive_int, default=d.report_every, help="(default: %(default)s)")
-    p.add_argument("--steps-per-eval", type=positive_int, default=d.eval_every, help="(default: %(default)s)")
+    p.add_argument("--seed", type=SEED, default=d.seed, help="seed for initialisation, data order and dropout (default: %(default)s)")
+    p.add_argument(
+        "--steps-per-report", type=positive_int, default=d.report_every, help="print training loss every N steps (default: %(default)s)"
+    )
+    p.add_argument("--steps-per-eval", type=positive_int, default=d.eval_every, help="validate every N steps (default: %(default)s)")
     p.add_argument(
         "--val-batches",
         type=non_negative_int,
@@ -108,6 +116,13 @@ def check_outputs(out_dir: Path, plot: Optional[str]) -> None:
         check_output_path(plot, "--plot", directory=False)
 
 
+def _recorded_name(model_name: str) -> str:
+    """What adapter_config.json names as the base model: a local directory as an absolute path, so that
+    generate and fuse find it from any working directory; a Hub id as it is."""
+    local = Path(model_name).expanduser()
+    return str(local.resolve()) if local.exists() else model_name
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
@@ -119,18 +134,22 @@ def main(argv: Optional[List[str]] = None) -> None:
         raise ElmError(f"{out_dir} already holds adapters; pass --resume to continue that run or --force to replace it")
     check_outputs(out_dir, args.plot)
 
-    model, tokenizer = load(args.model, dtype=args.dtype, q_bits=args.q_bits, q_group_size=args.q_group_size)
+    rank0 = mx.distributed.init().rank() == 0
+    model_name = resolve_model(args.model, verbose=rank0)
+    if rank0:
+        blas_notice()
+    model, tokenizer = load(model_name, dtype=args.dtype, **quantize_from_args(args))
     datasets = load_datasets(args.data, tokenizer, config.max_seq_length, config.mask_prompt, args.valid_fraction)
     trainable = prepare_model(model, config)
     total = sum(v.size for _, v in tree_flatten(model.parameters()))
-    say = tqdm.write if mx.distributed.init().rank() == 0 else (lambda *a, **k: None)  # one voice per run
+    say = tqdm.write if rank0 else (lambda *a, **k: None)  # one voice per run
     say(
         f"{config.fine_tune_type}: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%); "
         + ", ".join(f"{k} {len(v.examples)} sequences" for k, v in datasets.items())
     )
     plot = None if args.plot is None else Path(args.plot or out_dir / "loss.png")
-    meta = adapter_meta(asdict(config), str(args.model))
-    meta["title"] = f"{config.fine_tune_type} on {Path(str(args.model)).name}"
+    meta = adapter_meta(asdict(config), _recorded_name(model_name))
+    meta["title"] = f"{config.fine_tune_type} on {Path(model_name).name}"
     try:
         train(model, datasets, config, out_dir, meta, resume=args.resume, plot=plot, log=say)
     except Interrupted as e:

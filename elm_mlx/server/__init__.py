@@ -28,23 +28,41 @@ __all__ = ["Engine", "Job", "Limits", "RequestError", "make_app", "build_parser"
 
 
 def build_parser():
-    from ..cli import ArgumentParser
-    from ..load import DTYPES
-    from ..quantize import BITS
+    from ..cli import ArgumentParser, float_in, int_at_least, positive_int
+    from ..options import DEFAULT_PREFILL_STEP, add_model_options, add_sampling_options, add_verbose_option
 
     p = ArgumentParser(prog="python -m elm_mlx.server", description="Serve a model behind an OpenAI-compatible HTTP API.")
-    p.add_argument("--model", required=True, help="model directory or Hugging Face repo id")
-    p.add_argument("--adapter-path", help="apply fine-tuned adapters from this directory")
-    p.add_argument("--dtype", choices=list(DTYPES), help="convert the weights to this dtype first (cached)")
-    p.add_argument("--q-bits", type=int, choices=BITS, help="quantize to this many bits first (cached)")
+    add_model_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
-    p.add_argument("--port", type=int, default=8080, help="(default: %(default)s)")
-    p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for (default: %(default)s)")
-    p.add_argument("--max-prompt-tokens", type=int, help="most prompt tokens per request (default: the model's context length)")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default: %(default)s)")
-    p.add_argument("--prefill-step-size", type=int, default=512, help="prompt tokens per step; a client that leaves is noticed between steps (default: %(default)s)")
-    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds a connection may take to send its request headers (default: %(default)s)")
-    p.add_argument("--keep-alive-timeout", type=float, default=5.0, help="seconds an idle keep-alive connection stays open (default: %(default)s)")
+    p.add_argument("--port", type=int_at_least(1, 65535), default=8080, help="port to listen on (default: %(default)s)")
+    limits = p.add_argument_group("limits", "what one request may ask; a request beyond them gets a 4xx")
+    limits.add_argument(
+        "--max-tokens-limit", type=positive_int, default=4096, help="largest max_tokens a request may ask for (default: %(default)s)"
+    )
+    limits.add_argument(
+        "--max-prompt-tokens", type=positive_int, help="most prompt tokens per request (default: the model's context length)"
+    )
+    limits.add_argument("--max-body-bytes", type=positive_int, default=1 << 20, help="largest request body in bytes (default: %(default)s)")
+    limits.add_argument(
+        "--prefill-step-size",
+        type=positive_int,
+        default=DEFAULT_PREFILL_STEP,
+        help="prompt tokens per step; a client that leaves is noticed between steps (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--header-timeout",
+        type=float_in(0, 3600, low_open=True),
+        default=10.0,
+        help="seconds a connection may take to send its request headers (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--keep-alive-timeout",
+        type=float_in(0, 3600, low_open=True),
+        default=5.0,
+        help="seconds an idle keep-alive connection stays open (default: %(default)s)",
+    )
+    add_sampling_options(p, seed=False, title="sampling defaults (for requests that leave the field out)")
+    add_verbose_option(p, "print which model is used and conversion notes to stderr")
     return p
 
 
@@ -63,37 +81,25 @@ def check_port_free(host: str, port: int) -> None:
             raise ElmError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
-def _check_args(args) -> None:
-    if not 0 < args.port < 65536:
-        raise ElmError(f"--port must be in 1-65535, got {args.port}")
-    for flag in ("max_tokens_limit", "max_prompt_tokens", "max_body_bytes", "prefill_step_size"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise ElmError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    for flag in ("header_timeout", "keep_alive_timeout"):
-        value = getattr(args, flag)
-        if not 0 < value <= 3600:  # also refuses NaN
-            raise ElmError(f"--{flag.replace('_', '-')} must be in (0, 3600] seconds, got {value}")
-
-
 def main(argv=None) -> None:
     import uvicorn
 
-    from ..load import load
+    from ..options import load_from_args, sampling_from_args
     from .connections import protocol_with_header_timeout, raise_open_file_limit, throttle_logs
 
     args = build_parser().parse_args(argv)
-    _check_args(args)
+    sampling = sampling_from_args(args)
     check_port_free(args.host, args.port)
-    model, tokenizer = load(args.model, dtype=args.dtype, q_bits=args.q_bits, adapter_path=args.adapter_path)
-    local = Path(args.model).expanduser()
-    name = local.resolve().name if local.exists() else args.model  # what /v1/models lists
-    engine = Engine(model, tokenizer, name, aliases=[args.model], prefill_step_size=args.prefill_step_size)
+    model_name, model, tokenizer = load_from_args(args, verbose=args.verbose)
+    local = Path(model_name).expanduser()
+    name = local.resolve().name if local.exists() else model_name  # what /v1/models lists
+    engine = Engine(model, tokenizer, name, aliases=[model_name], prefill_step_size=args.prefill_step_size)
     limits = Limits(
         max_tokens_limit=args.max_tokens_limit,
         max_prompt_tokens=args.max_prompt_tokens if args.max_prompt_tokens is not None else engine.context_length,
         context_length=engine.context_length,
         max_body_bytes=args.max_body_bytes,
+        sampling=sampling,
     )
     raise_open_file_limit()
     throttle_logs()

@@ -161,7 +161,7 @@ def make_app(engine: Engine, max_tokens_limit: int = 4096, limits: Optional[Limi
     async def completions(request: Request, chat: bool):
         body = await read_json(request, limits.max_body_bytes)
         _check_model(body, engine)
-        common = parse_common(body)
+        common = parse_common(body, limits.sampling)
         requested = requested_max_tokens(body, limits.max_tokens_limit)
         logprobs = parse_logprobs(body, chat)
         prompt_ids = chat_prompt(body, engine.tokenizer) if chat else completion_prompt(body, engine.tokenizer)

@@ -10,7 +10,6 @@ tokens.
 
 import asyncio
 import collections
-import math
 import queue
 import threading
 import time
@@ -21,10 +20,8 @@ import mlx.core as mx
 
 from ..cache import PromptCache
 from ..generation import Cancelled, context_length, stream_generate
-from ..sample import SamplingParams
+from ..sample import SamplingParams, finite_logprobs
 from ..tokenizer import Tokenizer
-
-LOGPROB_FLOOR = -9999.0  # what OpenAI reports for tokens too unlikely to have a finite log-probability
 
 
 @dataclass
@@ -121,18 +118,14 @@ class Engine:
             job.cancelled.set()  # the client went away (or we are done): stop generating for it
 
 
-def finite_logprob(value: float) -> float:
-    """JSON has no -Infinity: a token with zero probability gets the floor instead."""
-    return value if math.isfinite(value) else LOGPROB_FLOOR
-
-
 def top_logprobs(logprobs: mx.array, token: int, k: int) -> dict:
-    """The chosen token's log-probability and the k most likely alternatives."""
+    """The chosen token's log-probability and the k most likely alternatives, all finite (JSON has no -Infinity)."""
+    logprobs = finite_logprobs(logprobs)
     top = mx.argpartition(-logprobs, k - 1)[:k] if k < logprobs.size else mx.arange(logprobs.size)
     values = logprobs[top]
     order = mx.argsort(-values)
     return {
         "token": token,
-        "logprob": finite_logprob(logprobs[token].item()),
-        "top": [(t, finite_logprob(v)) for t, v in zip(top[order].tolist(), values[order].tolist())],
+        "logprob": logprobs[token].item(),
+        "top": [(t, v) for t, v in zip(top[order].tolist(), values[order].tolist())],
     }

@@ -44,6 +44,7 @@ class Limits:
     max_prompt_tokens: Optional[int] = None  # --max-prompt-tokens: default the context length
     context_length: Optional[int] = None  # the model's; prompt + max_tokens must fit
     max_body_bytes: int = 1 << 20  # --max-body-bytes
+    sampling: SamplingParams = SamplingParams()  # --temp, --top-p, ...: for fields a request leaves out
 
     def __post_init__(self):
         for name in ("max_tokens_limit", "max_prompt_tokens", "max_body_bytes"):
@@ -127,9 +128,9 @@ def requested_max_tokens(body: dict, limit: int) -> Optional[int]:
     return value
 
 
-def parse_sampling(body: dict) -> SamplingParams:
+def parse_sampling(body: dict, defaults: Optional[SamplingParams] = None) -> SamplingParams:
+    defaults = defaults or SamplingParams()
     number = (int, float)
-    defaults = SamplingParams()
     for unsupported in ("presence_penalty", "frequency_penalty"):
         typed(body, unsupported, number, 0, lambda v: v == 0, "0 (use repetition_penalty)")
     try:
@@ -138,9 +139,8 @@ def parse_sampling(body: dict) -> SamplingParams:
             top_p=typed(body, "top_p", number, defaults.top_p, lambda v: 0 < v <= 1, "a number in (0, 1]"),
             top_k=typed(body, "top_k", int, defaults.top_k, lambda v: v >= 0, "an integer >= 0"),
             min_p=typed(body, "min_p", number, defaults.min_p, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-            repetition_penalty=typed(
-                body, "repetition_penalty", number, defaults.repetition_penalty, lambda v: v > 0, "a positive number"
-            ),
+            repetition_penalty=typed(body, "repetition_penalty", number, defaults.repetition_penalty, lambda v: v > 0, "a positive number"),
+            repetition_context_size=defaults.repetition_context_size,
         )
     except (ElmError, ValueError) as e:
         raise RequestError(str(e)) from None
@@ -157,14 +157,14 @@ def parse_stop(body: dict) -> List[str]:
     raise RequestError("'stop' must be a string or a list of at most 16 strings", param="stop")
 
 
-def parse_common(body: dict) -> Dict[str, Any]:
+def parse_common(body: dict, defaults: Optional[SamplingParams] = None) -> Dict[str, Any]:
     """The fields chat and text completions share, except max_tokens (that needs the prompt's length)."""
     if typed(body, "n", int, 1) != 1:
         raise RequestError("only n = 1 is supported", param="n")
     typed(body, "stream", bool, False, what="a boolean")
     typed(body, "stream_options", dict, None, what="an object")
     seed = typed(body, "seed", int, None, lambda v: v in SEED_RANGE, "an integer in [0, 2^64 - 1]")
-    return dict(sampling=parse_sampling(body), stop=parse_stop(body), seed=seed)
+    return dict(sampling=parse_sampling(body, defaults), stop=parse_stop(body), seed=seed)
 
 
 def parse_logprobs(body: dict, chat: bool) -> int:

@@ -1,0 +1,197 @@
+"""Command-line options every command shares, defined once.
+
+generate, chat, serve, lora and fuse take a model the same way (the bundled
+demo model when --model is absent, or the base model an adapter directory
+names), sample with the same flags, and print the same notices. The names
+follow mlx-lm's where mlx-lm has the option (--model, --adapter-path,
+--max-tokens/-m, --temp, --top-p, --top-k, --min-p, --seed,
+--system-prompt, --prefill-step-size, --verbose).
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+from .cli import SAMPLING_SEED, float_in, non_negative_int, positive_int
+from .errors import ElmError
+from .sample import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, SamplingParams
+
+DEFAULT_PREFILL_STEP = 512
+
+
+def notice(text: str) -> None:
+    """One informational line on stderr, faint on a terminal."""
+    print(f"\x1b[2m{text}\x1b[0m" if sys.stderr.isatty() else text, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------
+# Definitions
+# --------------------------------------------------------------------------
+
+
+def add_model_options(p: argparse.ArgumentParser, quantize: bool = True, adapters: bool = True, model_help: str = "") -> None:
+    """--model and how to load it: adapters, dtype, quantize-on-load."""
+    from .dtypes import DTYPES
+    from .quantize import BITS, GROUP_SIZES, RECIPES
+
+    p.add_argument(
+        "--model",
+        default=None,
+        help=model_help
+        or "model directory or Hugging Face repo id, e.g. apple/OpenELM-270M-Instruct "
+        "(default: the base model named by --adapter-path, else the bundled Shakespeare demo model)",
+    )
+    if adapters:
+        p.add_argument("--adapter-path", help="apply fine-tuned adapters from this directory (made by elm-mlx lora)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="convert the weights to this dtype first, cached (default: as stored)")
+    if quantize:
+        p.add_argument("--q-bits", type=int, choices=BITS, help="quantize the weights to this many bits first, cached (default: off)")
+        p.add_argument(
+            "--q-group-size", type=int, choices=GROUP_SIZES, default=None, help="weights sharing one quantization scale (default: 64)"
+        )
+        p.add_argument("--q-recipe", choices=sorted(RECIPES), help="layer-wise mixed quantization recipe (default: uniform)")
+
+
+def add_sampling_options(
+    p: argparse.ArgumentParser, repetition_penalty: Optional[float] = None, seed: bool = True, title: str = "sampling"
+) -> None:
+    """How the next token is picked; the same ranges the server accepts."""
+    d = SamplingParams()
+    g = p.add_argument_group(title)
+    g.add_argument("--temp", type=float_in(0), default=d.temp, help="sampling temperature, 0 for greedy (default: %(default)s)")
+    g.add_argument(
+        "--top-p",
+        type=float_in(0, 1, low_open=True),
+        default=d.top_p,
+        help="nucleus sampling: keep the most likely tokens up to this mass, 1 disables (default: %(default)s)",
+    )
+    g.add_argument(
+        "--top-k", type=non_negative_int, default=d.top_k, help="keep only the k most likely tokens, 0 disables (default: %(default)s)"
+    )
+    g.add_argument(
+        "--min-p",
+        type=float_in(0, 1, high_open=True),
+        default=d.min_p,
+        help="drop tokens below min-p times the top token's probability, 0 disables (default: %(default)s)",
+    )
+    g.add_argument(
+        "--repetition-penalty",
+        type=float_in(MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY),
+        default=d.repetition_penalty if repetition_penalty is None else repetition_penalty,
+        help="penalise recently seen tokens, 1 disables; Apple's samples use 1.2 (default: %(default)s)",
+    )
+    g.add_argument(
+        "--repetition-context-size",
+        type=positive_int,
+        default=d.repetition_context_size,
+        help="how many recent tokens the penalty looks at (default: %(default)s)",
+    )
+    if seed:
+        g.add_argument("--seed", type=SAMPLING_SEED, default=None, help="random seed, for reproducible sampling (default: none)")
+
+
+def add_generation_options(p: argparse.ArgumentParser, max_tokens_help: str, max_tokens_default=None, stop: bool = True) -> None:
+    """How much to generate and when to stop."""
+    p.add_argument("--max-tokens", "-m", type=positive_int, default=max_tokens_default, help=max_tokens_help)
+    if stop:
+        p.add_argument(
+            "--stop",
+            action="append",
+            default=[],
+            metavar="TEXT",
+            help="stop when this text is generated; repeatable, \\n and \\t are understood (default: none)",
+        )
+    p.add_argument(
+        "--prefill-step-size",
+        type=positive_int,
+        default=DEFAULT_PREFILL_STEP,
+        help="prompt tokens per forward pass; Ctrl-C is heeded between them (default: %(default)s)",
+    )
+
+
+def add_verbose_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--verbose",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"{what}; --no-verbose prints only the model's text and errors (default: on)",
+    )
+
+
+# --------------------------------------------------------------------------
+# Reading them back
+# --------------------------------------------------------------------------
+
+
+def sampling_from_args(args) -> SamplingParams:
+    return SamplingParams(
+        temp=args.temp,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        repetition_context_size=args.repetition_context_size,
+    )
+
+
+def unescape(text: str) -> str:
+    """Shells pass "\\n" literally; in a stop string it almost always means a newline."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def quantize_from_args(args) -> dict:
+    """load()'s quantization keywords. Any quantization option implies quantizing (4 bits unless --q-bits says)."""
+    bits, group, recipe = getattr(args, "q_bits", None), getattr(args, "q_group_size", None), getattr(args, "q_recipe", None)
+    if bits is None and (group is not None or recipe is not None):
+        bits = 4
+    return {"q_bits": bits, "q_group_size": group or 64, "q_recipe": recipe}
+
+
+def resolve_model(model: Optional[str], adapter_path: Optional[str] = None, verbose: bool = True) -> str:
+    """The model to use: `model`, else the base model of `adapter_path`, else the bundled demo. Says which once."""
+    if model is not None:
+        return model
+    if adapter_path is not None:
+        base = base_model_of(Path(adapter_path).expanduser())
+        if verbose:
+            notice(f"using {base}, the base model {adapter_path} was trained on (--model overrides)")
+        return base
+    from .demo import DEMO_DIR, demo_notice
+
+    if verbose:
+        notice(demo_notice())
+    return str(DEMO_DIR)
+
+
+def base_model_of(adapter_dir: Path) -> str:
+    """The base model an adapter directory records (elm-mlx lora writes it into adapter_config.json)."""
+    from .lora.adapters import read_adapter_config
+
+    base = read_adapter_config(adapter_dir).get("base_model")
+    if not isinstance(base, str) or not base.strip() or len(base) > 4096:
+        raise ElmError(f"{adapter_dir} does not name its base model; pass --model")
+    return base
+
+
+def load_from_args(args, verbose: bool = True):
+    """(model, tokenizer) as the model options say, with the slow-BLAS notice once on a CPU."""
+    from .load import load
+
+    model_name = resolve_model(args.model, getattr(args, "adapter_path", None), verbose)
+    if verbose:
+        blas_notice()
+    model, tokenizer = load(model_name, dtype=args.dtype, adapter_path=getattr(args, "adapter_path", None), **quantize_from_args(args))
+    return model_name, model, tokenizer
+
+
+def blas_notice() -> None:
+    """Say once, when MLX runs on the CPU with its slow reference BLAS, what to install (ELM_MLX_BLAS_NOTICE=0 silences it)."""
+    from . import _blas
+
+    if os.environ.get("ELM_MLX_BLAS_NOTICE", "1") == "0":
+        return
+    text = getattr(_blas, "slow_blas_notice", lambda: None)()
+    if text:
+        notice(text)
