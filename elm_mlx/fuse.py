@@ -56,7 +56,7 @@ def fuse(model_path: str, adapter_path: Path, save_path: Path, de_quantize: bool
     return save_path
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m elm_mlx.fuse", description="Merge fine-tuned adapters into a new model directory.")
     p.add_argument(
         "--model",
@@ -67,7 +67,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--de-quantize", action="store_true", help="write float weights even if the base is quantized")
     p.add_argument("--force", action="store_true", help="replace --save-path if it is an earlier elm-mlx output")
     add_verbose_option(p, "print which base model is used")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
     model = resolve_model(args.model, args.adapter_path, verbose=args.verbose)
     out = fuse(model, Path(args.adapter_path), Path(args.save_path), args.de_quantize, args.force)
     print(f"wrote {out}")

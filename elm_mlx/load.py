@@ -28,6 +28,7 @@ from .hub import looks_like_repo_id, snapshot
 from .models import architecture
 from .tokenizer import Tokenizer, load_tokenizer
 
+
 def resolve_model_path(path_or_repo: str) -> Path:
     """A local directory as is; a hub id ('org/name') downloaded into (or found in) the HF cache."""
     path = Path(path_or_repo).expanduser()
@@ -142,7 +143,13 @@ def _args(model_dir: Path):
 
 
 def _converted_copy(
-    model_dir: Path, name: str, dtype: Optional[str], q_bits: Optional[int], q_group_size: int, q_recipe: Optional[str]
+    model_dir: Path,
+    name: str,
+    dtype: Optional[str],
+    q_bits: Optional[int],
+    q_group_size: int,
+    q_recipe: Optional[str],
+    verbose: bool = True,
 ) -> Path:
     """Convert once into the cache; the key covers the source's files and every option.
 
@@ -159,9 +166,11 @@ def _converted_copy(
     variant = dtype + (f"-q{q_bits}g{q_group_size}" + (f"-{q_recipe}" if q_recipe else "") if q_bits else "")
     target = cache_root() / "converted" / f"{name.replace('/', '--')}-{fingerprint.hexdigest()[:12]}-{variant}"
     if target.is_dir():
-        print(f"using the converted copy in {target}", file=sys.stderr)
+        if verbose:
+            print(f"using the converted copy in {target}", file=sys.stderr)
         return target
-    print(f"converting {name} to MLX ({variant}) into {target}; later runs reuse it", file=sys.stderr)
+    if verbose:
+        print(f"converting {name} to MLX ({variant}) into {target}; later runs reuse it", file=sys.stderr)
     convert_checkpoint(
         str(model_dir),
         target,
@@ -170,7 +179,7 @@ def _converted_copy(
         q_bits=q_bits or 4,
         q_group_size=q_group_size,
         q_recipe=q_recipe,
-        progress=True,
+        progress=verbose,
         name=name.split("/")[-1],
     )
     return target
@@ -182,6 +191,7 @@ def mlx_model_dir(
     q_bits: Optional[int] = None,
     q_group_size: int = 64,
     q_recipe: Optional[str] = None,
+    verbose: bool = True,
 ) -> Path:
     """A directory elm_mlx can load: the given one, or its converted copy in the cache.
 
@@ -193,7 +203,7 @@ def mlx_model_dir(
     if dtype is not None or q_bits is not None or needs_conversion(model_dir):
         local = Path(path_or_repo).expanduser().exists()
         name = model_dir.resolve().name if local else str(path_or_repo)
-        model_dir = _converted_copy(model_dir, name, dtype, q_bits, q_group_size, q_recipe)
+        model_dir = _converted_copy(model_dir, name, dtype, q_bits, q_group_size, q_recipe, verbose)
     return model_dir
 
 
@@ -204,13 +214,15 @@ def load(
     q_group_size: int = 64,
     q_recipe: Optional[str] = None,
     adapter_path: Optional[str] = None,
+    verbose: bool = True,
 ) -> Tuple[nn.Module, Tokenizer]:
     """Load a model and its tokenizer from a local directory or a Hugging Face repo id.
 
     Conversion (see mlx_model_dir) happens once and is cached. `adapter_path`
-    applies fine-tuned adapters (python -m elm_mlx.lora) on top.
+    applies fine-tuned adapters (python -m elm_mlx.lora) on top. `verbose`
+    says where the converted copy is and shows the conversion's progress.
     """
-    model_dir = mlx_model_dir(path_or_repo, dtype, q_bits, q_group_size, q_recipe)
+    model_dir = mlx_model_dir(path_or_repo, dtype, q_bits, q_group_size, q_recipe, verbose)
     config = load_config(model_dir)
     model = load_model(model_dir, config)
     if adapter_path is not None:

@@ -182,7 +182,9 @@ def load_from_args(args, verbose: bool = True):
     model_name = resolve_model(args.model, getattr(args, "adapter_path", None), verbose)
     if verbose:
         blas_notice()
-    model, tokenizer = load(model_name, dtype=args.dtype, adapter_path=getattr(args, "adapter_path", None), **quantize_from_args(args))
+    model, tokenizer = load(
+        model_name, dtype=args.dtype, adapter_path=getattr(args, "adapter_path", None), verbose=verbose, **quantize_from_args(args)
+    )
     return model_name, model, tokenizer
 
 

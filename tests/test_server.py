@@ -1,15 +1,9 @@
 """The OpenAI-compatible server (driven by the official openai client) and the terminal chat."""
 
-import fcntl
 import json
-import os
-import pty
 import re
-import select
 import socket
-import subprocess
 import sys
-import termios
 import threading
 import time
 import urllib.error
@@ -20,6 +14,8 @@ import pytest
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
+
+from terminal import Terminal  # noqa: E402
 
 from conftest import random_weights, tiny_config, write_model_dir  # noqa: E402
 from elm_mlx.cache import PromptCache  # noqa: E402
@@ -212,38 +208,6 @@ def test_server_binds_loopback_by_default():
 
 
 # -- chat REPL ---------------------------------------------------------------------
-
-
-class Terminal:
-    """A process on a pseudo-terminal, read until a marker appears."""
-
-    def __init__(self, args):
-        self.master, slave = pty.openpty()
-        env = {**os.environ, "TERM": "dumb", "COLUMNS": "200"}
-        self.proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True, preexec_fn=self._own_terminal)
-        os.close(slave)
-        self.seen = ""
-
-    @staticmethod
-    def _own_terminal():
-        """Make the pty the child's controlling terminal, so Ctrl-C there sends it SIGINT as in a real shell."""
-        os.setsid()
-        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-    def read_until(self, marker: str, timeout: float = 120) -> str:
-        start, deadline = len(self.seen), time.time() + timeout
-        while marker not in self.seen[start:]:
-            assert self.proc.poll() is None or select.select([self.master], [], [], 0)[0], f"exited early:\n{self.seen}"
-            assert time.time() < deadline, f"timed out waiting for {marker!r}:\n{self.seen}"
-            if select.select([self.master], [], [], 0.2)[0]:
-                try:
-                    self.seen += os.read(self.master, 4096).decode(errors="replace")
-                except OSError:
-                    break
-        return self.seen[start:]
-
-    def send(self, text: str) -> None:
-        os.write(self.master, text.encode())
 
 
 def test_chat_repl_keeps_its_cache_across_turns(tiny_model_dir):
