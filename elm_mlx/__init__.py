@@ -10,10 +10,22 @@ from ._blas import preload_optimized_blas
 
 BLAS = preload_optimized_blas()
 
+from .batching import BatchEngine, Request, batch_generate  # noqa: E402
 from .errors import ElmError  # noqa: E402
 from .generation import GenerationResponse, generate, stream_generate  # noqa: E402
 from .load import load  # noqa: E402
 from .sample import SamplingParams  # noqa: E402
 
-__all__ = ["load", "generate", "stream_generate", "GenerationResponse", "SamplingParams", "ElmError", "BLAS"]
+__all__ = [
+    "load",
+    "generate",
+    "stream_generate",
+    "batch_generate",
+    "BatchEngine",
+    "Request",
+    "GenerationResponse",
+    "SamplingParams",
+    "ElmError",
+    "BLAS",
+]
 __version__ = "0.1.0"

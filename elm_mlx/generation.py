@@ -251,7 +251,9 @@ def stream_generate(
     reused = prompt_cache.reuse(prompt_ids) if prompt_cache is not None else 0
     fed = list(prompt_ids)  # every token the model has seen, for the prompt cache
     try:
-        yield from _stream(model, tokenizer, prompt_ids, reused, fed, max_tokens, sampling, stop, seed, prefill_step_size, prompt_cache, cancel)
+        yield from _stream(
+            model, tokenizer, prompt_ids, reused, fed, max_tokens, sampling, stop, seed, prefill_step_size, prompt_cache, cancel
+        )
     finally:
         if prompt_cache is not None:
             prompt_cache.record(fed)

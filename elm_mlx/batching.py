@@ -1,0 +1,346 @@
+"""Continuous batching: many sequences decoded together, one forward pass per step for all of them.
+
+Decoding one stream reads every weight once per token and is bound by memory
+bandwidth; decoding B streams in one pass reads the weights once for B tokens.
+`BatchEngine` keeps a batch of sequences that join after their prefill and
+leave when they finish, without stalling each other; `batch_generate` runs a
+list of prompts through it.
+
+Layout. All decoding sequences share one `BatchKVCache` per layer, rows
+right-aligned with left padding (elm_mlx.cache): a decode step appends one
+column for every row, a single slice assignment, and a row's keys never move
+while it decodes. Each row attends only to its own columns (a boolean mask)
+and gets its own rotary positions (mx.fast.rope takes one offset per row), so
+a left-padded sequence's first token is at position 0, as it is alone. The
+price is padding: a short row next to a long one computes attention over the
+long one's width; rows leaving trim the columns nobody uses. Per-sequence
+caches with one attention call per row would have no padding but B small
+calls per layer, and a paged layout needs a gather-attention kernel MLX lacks.
+
+Prefill. A new sequence is prefilled alone into its own KVCache, in chunks of
+`prefill_step_size` tokens from its start (the chunks stream_generate uses),
+at most that many tokens per step and between decode steps, so a long prompt
+never freezes the streams already running. All but its last prompt token are
+prefilled; the last one is its first decode input, after which the row joins
+the batch.
+
+Alone or batched. Each sequence owns its sampler, logits processors
+(repetition penalty over its own history), stop strings (the TextStream
+stream_generate uses) and random keys (sample.key_stream): a seeded request
+gives the same tokens alone, via stream_generate, or among others. Greedy
+and seeded outputs match the single-stream path token for token, up to
+float rounding where two candidates tie within it (batched matrix products
+round differently from single-row ones).
+"""
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Set, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import BatchKVCache, KVCache, make_cache
+from .errors import ElmError
+from .generation import Piece, TextStream, check_context, check_request, context_length, prefill_chunk
+from .sample import SamplingParams, key_stream, make_logits_processors, make_sampler
+from .tokenizer import Tokenizer
+
+Prompt = Union[str, Sequence[int]]
+
+
+@dataclass(frozen=True)
+class Request:
+    """What one sequence asks for; checked by BatchEngine.submit."""
+
+    prompt: Prompt
+    max_tokens: int = 256
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: Sequence[str] = ()
+    seed: Optional[int] = None
+
+
+@dataclass
+class Event:
+    """Something that happened to one request during a step.
+
+    A generated token: `token`, its `logprobs` (vocab,) and its `text` (may be
+    empty while a character or a possible stop string is pending). The end:
+    token None and `finish_reason` "stop", "length" or "cancelled", with any
+    remaining text. Prefill progress: `prefilled` prompt tokens computed.
+    """
+
+    id: int
+    text: str = ""
+    token: Optional[int] = None
+    logprobs: Optional[mx.array] = None
+    finish_reason: Optional[str] = None
+    prefilled: Optional[int] = None
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+
+
+class _Sequence:
+    """One request's state: its prompt, its cache while prefilling, and its own sampling and text."""
+
+    def __init__(self, id: int, request: Request, prompt_ids: List[int], tokenizer: Tokenizer):
+        self.id = id
+        self.prompt_ids = prompt_ids
+        self.cache: Optional[List[KVCache]] = None  # its own while prefilling; then a row of the batch
+        self.prompt: Optional[mx.array] = None  # the prompt's ids as an array, while prefilling
+        self.prefilled = 0
+        self.next_input = prompt_ids[-1]
+        self.history = list(prompt_ids)  # for repetition penalties: the prompt and every token since
+        self.sampler = make_sampler(request.sampling)
+        self.processors = make_logits_processors(request.sampling)
+        self.window = request.sampling.repetition_context_size
+        self.keys = key_stream(request.seed)
+        self.text = TextStream(tokenizer, request.stop, request.max_tokens)
+
+    @property
+    def prefill_end(self) -> int:
+        return len(self.prompt_ids) - 1
+
+    def event(self, **fields) -> Event:
+        return Event(self.id, prompt_tokens=len(self.prompt_ids), generation_tokens=self.text.generated, **fields)
+
+
+class BatchEngine:
+    """Sequences decoded together: submit requests, call step() until idle, cancel any time.
+
+    At most `max_batch` sequences hold a cache (prefilling or decoding); the
+    others wait in submission order. Not thread-safe, except that cancel()
+    may be called from another thread: it takes effect at the next step.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, max_batch: int = 8, prefill_step_size: int = 512):
+        for name, value in (("max_batch", max_batch), ("prefill_step_size", prefill_step_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ElmError(f"{name} must be an integer >= 1, got {value!r}")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.prefill_step_size = max_batch, prefill_step_size
+        self.context_length = context_length(model)
+        self.vocab_size = getattr(getattr(model, "args", None), "vocab_size", None)
+        self.cache = [BatchKVCache() for _ in model.layers]
+        self.waiting: List[_Sequence] = []
+        self.prefilling: List[_Sequence] = []
+        self.decoding: List[_Sequence] = []  # in the order of the batch cache's rows
+        self._cancelled: Set[int] = set()
+        self._next_id = 0
+
+    # ---- the requests ---------------------------------------------------
+
+    def submit(self, request: Request) -> int:
+        """Check a request (ElmError naming what is wrong, before any work) and queue it; return its id."""
+        prompt_ids = self._checked_prompt(request)
+        self._next_id += 1
+        self.waiting.append(_Sequence(self._next_id, request, prompt_ids, self.tokenizer))
+        return self._next_id
+
+    def cancel(self, id: int) -> None:
+        """Stop a request at the next step, which frees its cache and reports finish_reason "cancelled"."""
+        self._cancelled.add(id)
+
+    @property
+    def active(self) -> int:
+        """Requests holding a cache: prefilling or decoding."""
+        return len(self.prefilling) + len(self.decoding)
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a slot."""
+        return len(self.waiting)
+
+    def kv_bytes(self) -> int:
+        """Bytes of keys and values held: the batch's and those of prompts being prefilled."""
+        held = sum(c.nbytes for c in self.cache)
+        return held + sum(c.keys.nbytes + c.values.nbytes for s in self.prefilling for c in s.cache or () if c.keys is not None)
+
+    def padding_fraction(self) -> float:
+        """Share of the batch's used cache columns that are padding (computed over, never used)."""
+        layout = self.cache[0]
+        total = layout.size * len(layout.padding)
+        return sum(layout.padding) / total if total else 0.0
+
+    # ---- one step -------------------------------------------------------
+
+    def step(self) -> List[Event]:
+        """Cancel, admit, prefill at most prefill_step_size prompt tokens, then decode one token for every joined sequence."""
+        events = self._apply_cancellations()
+        while self.waiting and self.active < self.max_batch:
+            self.prefilling.append(self.waiting.pop(0))
+        events += self._prefill()
+        if self.decoding:
+            events += self._decode()
+        return events
+
+    def _apply_cancellations(self) -> List[Event]:
+        cancelled, self._cancelled = self._cancelled, set()
+        events = []
+        for group in (self.waiting, self.prefilling):
+            for seq in [s for s in group if s.id in cancelled]:
+                group.remove(seq)  # a prefilling sequence's own cache goes with it
+                events.append(seq.event(finish_reason="cancelled"))
+        leaving = [s for s in self.decoding if s.id in cancelled]
+        if leaving:
+            events += [s.event(**_closing(s.text.close("cancelled", flush=False))) for s in leaving]
+            self._leave(leaving)
+        return events
+
+    def _prefill(self) -> List[Event]:
+        """Prefill in submission order, whole chunks only, until prefill_step_size tokens are spent this step."""
+        events, spent = [], 0
+        for seq in list(self.prefilling):
+            if seq.cache is None:
+                seq.cache = make_cache(self.model)
+                seq.prompt = mx.array(seq.prompt_ids, dtype=mx.uint32)
+            while seq.prefilled < seq.prefill_end:
+                chunk = min(self.prefill_step_size, seq.prefill_end - seq.prefilled)
+                if spent and spent + chunk > self.prefill_step_size:
+                    return events
+                seq.prefilled = prefill_chunk(self.model, seq.prompt, seq.cache, seq.prefilled, seq.prefill_end, self.prefill_step_size)
+                spent += chunk
+                events.append(seq.event(prefilled=seq.prefilled))
+            self._join(seq)
+        return events
+
+    def _join(self, seq: _Sequence) -> None:
+        """A prefilled sequence becomes the last row of the batch; its own cache is freed."""
+        for batch_layer, own_layer in zip(self.cache, seq.cache):
+            batch_layer.add(own_layer)
+        mx.eval([c.state for c in self.cache])
+        seq.cache, seq.prompt = None, None
+        self.prefilling.remove(seq)
+        self.decoding.append(seq)
+
+    def _decode(self) -> List[Event]:
+        """One forward pass for every row, each row sampled with its own sampler, processors and key."""
+        rows = self.decoding
+        inputs = mx.array([[s.next_input] for s in rows], dtype=mx.uint32)
+        logits = self.model(inputs, cache=self.cache, mask=self.cache[0].mask())[:, -1, :]
+        logits = mx.concatenate([self._processed(s, logits[i : i + 1]) for i, s in enumerate(rows)]) if self._any_processors() else logits
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        tokens = mx.concatenate([s.sampler(logprobs[i : i + 1], key=next(s.keys)) for i, s in enumerate(rows)])
+        mx.eval(tokens, logprobs)
+
+        events, leaving = [], []
+        for i, (seq, token) in enumerate(zip(rows, tokens.tolist())):
+            seq.next_input = token
+            if seq.processors:
+                seq.history.append(token)
+            for piece in seq.text.add(token):
+                events.append(seq.event(logprobs=logprobs[i] if piece.token is not None else None, **_closing(piece)))
+            if seq.text.finish_reason is not None:
+                leaving.append(seq)
+        if leaving:
+            self._leave(leaving)
+        return events
+
+    def _any_processors(self) -> bool:
+        return any(s.processors for s in self.decoding)
+
+    @staticmethod
+    def _processed(seq: _Sequence, logits: mx.array) -> mx.array:
+        if not seq.processors:
+            return logits
+        history = mx.array(seq.history[-seq.window :], dtype=mx.uint32)
+        for processor in seq.processors:
+            logits = processor(history, logits)
+        return logits
+
+    def _leave(self, leaving: List[_Sequence]) -> None:
+        """Drop rows from the batch now; their memory is free (or reused) once the smaller arrays are evaluated."""
+        gone = {s.id for s in leaving}
+        rows = [i for i, s in enumerate(self.decoding) if s.id not in gone]
+        self.decoding = [self.decoding[i] for i in rows]
+        for layer in self.cache:
+            layer.keep(rows)
+        mx.eval([c.state for c in self.cache])
+
+    # ---- checks ---------------------------------------------------------
+
+    def _checked_prompt(self, request: Request) -> List[int]:
+        if not isinstance(request, Request):
+            raise ElmError(f"expected a Request, got {type(request).__name__}")
+        prompt, max_tokens = request.prompt, request.max_tokens
+        if not isinstance(prompt, str) and not _is_token_list(prompt):
+            raise ElmError("a prompt must be a string or a list of token ids")
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
+            raise ElmError(f"max_tokens must be an integer, got {max_tokens!r}")
+        if not isinstance(request.sampling, SamplingParams):
+            raise ElmError(f"sampling must be a SamplingParams, got {type(request.sampling).__name__}")
+        if isinstance(request.stop, str) or not all(isinstance(s, str) for s in request.stop):
+            raise ElmError("stop must be a list of strings")
+        if request.seed is not None and (not isinstance(request.seed, int) or isinstance(request.seed, bool)):
+            raise ElmError(f"seed must be an integer, got {request.seed!r}")
+        check_request(prompt, max_tokens, self.prefill_step_size, request.seed)
+        prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if self.vocab_size is not None and not all(0 <= t < self.vocab_size for t in prompt_ids):
+            raise ElmError(f"token ids must be in [0, {self.vocab_size - 1}] for this model")
+        check_context(len(prompt_ids), max_tokens, self.context_length)
+        return prompt_ids
+
+
+def _is_token_list(prompt) -> bool:
+    return isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+
+
+def _closing(piece: Piece) -> dict:
+    return dict(text=piece.text, token=piece.token, finish_reason=piece.finish_reason)
+
+
+@dataclass
+class BatchResult:
+    """One prompt's whole answer; `tokens` are the generated ids (an end-of-sequence token is not among them)."""
+
+    text: str
+    tokens: List[int]
+    finish_reason: str
+    prompt_tokens: int
+    generation_tokens: int
+
+
+def batch_generate(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    prompts: Sequence[Prompt],
+    max_tokens: int = 256,
+    sampling: Union[None, SamplingParams, Sequence[SamplingParams]] = None,
+    stop: Sequence[str] = (),
+    seeds: Optional[Sequence[Optional[int]]] = None,
+    prefill_step_size: int = 512,
+    max_batch: int = 8,
+) -> List[BatchResult]:
+    """Generate for every prompt, at most `max_batch` decoded together; one result per prompt, in order.
+
+    `sampling` is one SamplingParams for all or one per prompt; `seeds` one
+    seed (or None) per prompt. Every request is checked before any work.
+    """
+    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+        raise ElmError("prompts must be a list of prompts (strings or lists of token ids)")
+    if not prompts:
+        raise ElmError("prompts is empty")
+    samplings = _per_prompt("sampling", sampling if sampling is not None else SamplingParams(), len(prompts), SamplingParams)
+    seeds = _per_prompt("seeds", seeds, len(prompts), None) if seeds is not None else [None] * len(prompts)
+    engine = BatchEngine(model, tokenizer, max_batch=max_batch, prefill_step_size=prefill_step_size)
+    ids = [engine.submit(Request(p, max_tokens, s, stop, seed)) for p, s, seed in zip(prompts, samplings, seeds)]
+
+    texts: Dict[int, List[str]] = {i: [] for i in ids}
+    tokens: Dict[int, List[int]] = {i: [] for i in ids}
+    results: Dict[int, BatchResult] = {}
+    while engine.active or engine.queued:
+        for e in engine.step():
+            texts[e.id].append(e.text)
+            if e.token is not None:
+                tokens[e.id].append(e.token)
+            if e.finish_reason is not None:
+                results[e.id] = BatchResult("".join(texts[e.id]), tokens[e.id], e.finish_reason, e.prompt_tokens, e.generation_tokens)
+    return [results[i] for i in ids]
+
+
+def _per_prompt(name: str, value, n: int, single_type) -> list:
+    """`value` for each of n prompts: one value repeated (when it is a `single_type`) or a list of exactly n."""
+    if single_type is not None and isinstance(value, single_type):
+        return [value] * n
+    if not isinstance(value, (list, tuple)) or len(value) != n:
+        raise ElmError(f"{name} must be {'one value or ' if single_type else ''}a list of one per prompt ({n})")
+    return list(value)
