@@ -230,6 +230,40 @@ def test_bad_data_gives_one_line_with_file_and_line(base_dir, tmp_path, content,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'{"text": "ok"}\n{"text": "the ki', "train.jsonl:2: not valid JSON: the line ends mid-value"),  # cut mid-string
+        (b'{"text": "ok"}\n{"text": "ok"', "train.jsonl:2: not valid JSON: the line ends mid-value"),  # cut after a value
+        ('{"text": "ok"}\n\n{"text": "café"}'.encode()[:-3], "train.jsonl:3: not UTF-8 text"),  # cut mid-character
+        (b'{"text": "ok"}\n{"text": "ok"} x\n', "train.jsonl:2: not valid JSON (column 16: Extra data)"),
+    ],
+)
+def test_truncated_jsonl_names_file_and_line(tokenizer, tmp_path, content, message):
+    (tmp_path / "train.jsonl").write_bytes(content)
+    (tmp_path / "valid.jsonl").write_text('{"text": "the king"}\n')
+    with pytest.raises(ElmError) as failure:
+        load_datasets(str(tmp_path), tokenizer, max_seq_length=32)
+    assert str(failure.value).startswith(str(tmp_path / "train.jsonl")) and message in str(failure.value)
+    assert "\n" not in str(failure.value)
+
+
+def test_a_text_file_cut_mid_character_names_its_line(tokenizer, tmp_path):
+    (tmp_path / "corpus.txt").write_bytes("the king\nthe queen\ncafé".encode()[:-1])
+    with pytest.raises(ElmError, match=r"corpus.txt:3: not UTF-8 text \(unexpected end of data at byte 4 of the line\)"):
+        load_datasets(str(tmp_path / "corpus.txt"), tokenizer, max_seq_length=8)
+
+
+def test_validation_sample_is_spread_over_the_set():
+    from elm_mlx.lora.data import Dataset, Example, eval_batches
+
+    examples = [Example([i] * 5, [1] * 5) for i in range(20)]  # equal lengths: length order is text order
+    first_tokens = [int(inputs[0, 0]) for inputs, _, _ in eval_batches(Dataset(examples, packed=True), 2, limit=4)]
+    assert first_tokens == [0, 4, 10, 14]  # batches 0, 2, 5, 7 of 10, not the first four
+    assert len(list(eval_batches(Dataset(examples, packed=True), 2, limit=20))) == 10
+    assert len(list(eval_batches(Dataset(examples, packed=True), 2))) == 10
+
+
 def test_missing_data_path(base_dir, tmp_path, capsys):
     with pytest.raises(ElmError, match="does not exist"):
         lora_main(["--model", str(base_dir), "--data", str(tmp_path / "nope.txt"), "--adapter-path", str(tmp_path / "out")])

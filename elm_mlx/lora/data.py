@@ -137,13 +137,13 @@ def parse_line(tokenizer: Tokenizer, record, mask_prompt: bool) -> Tuple[Example
 
 def _read_jsonl(file: Path, tokenizer: Tokenizer, mask_prompt: bool) -> Tuple[List[Example], bool]:
     examples, kinds = [], set()
-    for number, line in enumerate(_read_text(file).split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
+    for number, line in enumerate(read_text(file).split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
         if not line.strip():
             continue
         try:
             example, is_text = parse_line(tokenizer, json.loads(line), mask_prompt)
         except json.JSONDecodeError as e:
-            raise ElmError(f"{file}:{number}: not valid JSON ({e.msg})") from None
+            raise ElmError(f"{file}:{number}: {_json_problem(line, e)}") from None
         except RecursionError:
             raise ElmError(f"{file}:{number}: JSON nested too deeply") from None
         except ElmError as e:
@@ -153,6 +153,13 @@ def _read_jsonl(file: Path, tokenizer: Tokenizer, mask_prompt: bool) -> Tuple[Li
     if not examples:
         raise ElmError(f"{file} is empty")
     return examples, kinds == {True}
+
+
+def _json_problem(line: str, e: json.JSONDecodeError) -> str:
+    """What is wrong with a line's JSON; one that stops mid-value is most likely a truncated file or a wrapped record."""
+    if not line[e.pos :].strip() or e.msg.startswith("Unterminated string"):
+        return f"not valid JSON: the line ends mid-value ({e.msg}); is the file truncated, or a record split over lines?"
+    return f"not valid JSON (column {e.colno}: {e.msg})"
 
 
 def _text_example(tokenizer: Tokenizer, text: str, source: str) -> Example:
@@ -207,7 +214,7 @@ def load_datasets(
     if path.is_file():
         if path.suffix != ".txt":
             raise ElmError(f"{path}: a data file must be a .txt; JSONL data goes in a directory with train.jsonl and valid.jsonl")
-        text = _read_text(path)
+        text = read_text(path)
         cut = holdout_start(text, valid_fraction)
         return {
             "train": _finish([_text_example(tokenizer, text[:cut], f"{path} (train part)")], True, max_seq_length, str(path)),
@@ -220,7 +227,7 @@ def load_datasets(
             examples, packed = _read_jsonl(jsonl, tokenizer, mask_prompt)
             datasets[split] = _finish(examples, packed, max_seq_length, str(jsonl))
         elif txt.is_file():
-            datasets[split] = _finish([_text_example(tokenizer, _read_text(txt), str(txt))], True, max_seq_length, str(txt))
+            datasets[split] = _finish([_text_example(tokenizer, read_text(txt), str(txt))], True, max_seq_length, str(txt))
         elif split != "test":
             raise ElmError(f"{path} has no {split}.jsonl (or {split}.txt)")
     return datasets
@@ -232,11 +239,15 @@ def holdout_start(text: str, fraction: float) -> int:
     return text.rfind("\n", 0, position) + 1 or position
 
 
-def _read_text(file: Path) -> str:
+def read_text(file: Path) -> str:
+    """The file as text; a byte that is not UTF-8 (a file cut mid-character, say) is named by file:line."""
+    data = file.read_bytes()
     try:
-        return file.read_text(encoding="utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ElmError(f"{file} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ElmError(f"{file}:{line}: not UTF-8 text ({e.reason} at byte {column} of the line)") from None
 
 
 class Batches:
@@ -271,10 +282,17 @@ class Batches:
 
 
 def eval_batches(dataset: Dataset, batch_size: int, limit: Optional[int] = None, pad_multiple: int = 8):
-    """All of a split in length order (or its first `limit` batches), for loss evaluation."""
+    """All of a split in length order, or `limit` of its batches spread evenly over it, for loss evaluation.
+
+    Spread, not the first ones: those would be only the shortest examples, or
+    only the start of a held-out text. The sample is the same at every step,
+    so the validation curve compares like with like.
+    """
     order = sorted(range(len(dataset.examples)), key=lambda i: len(dataset.examples[i].tokens))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    for rows in batches[:limit] if limit else batches:
+    if limit and limit < len(batches):
+        batches = [batches[i * len(batches) // limit] for i in range(limit)]
+    for rows in batches:
         yield collate([dataset.examples[r] for r in rows], pad_multiple)
 
 
