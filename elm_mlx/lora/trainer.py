@@ -28,10 +28,11 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
-from tqdm import tqdm
+from tqdm import tqdm  # its write() keeps a Ctrl-C notice clear of the bar
 
 from ..errors import ElmError
 from ..files import atomic_directory
+from ..progress import Progress
 from .adapters import ADAPTER_FILE, CONFIG_FILE, FINE_TUNE_TYPES
 from .data import Batches, Dataset, eval_batches
 from .layers import OPENELM_KEYS, add_adapters
@@ -139,7 +140,7 @@ def token_losses(model: nn.Module, inputs: mx.array, targets: mx.array, weights:
 
 
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, limit: int = 0, group=None) -> float:
-    """Mean loss per trained token over (the first `limit` batches of) a split, all processes together."""
+    """Mean loss per trained token over a split (or `limit` of its batches, spread over it), all processes together."""
     rank, size = (group.rank(), group.size()) if group is not None else (0, 1)
     total = mx.array(0.0)
     count = mx.array(0.0)
@@ -386,7 +387,7 @@ def train(
         loss = evaluate(model, datasets["valid"], config.batch_size, config.val_batches, group)
         model.train()
         state.val_losses.append((step, loss))
-        log(f"step {step}: validation loss {loss:.3f} (ppl {math.exp(min(loss, 50)):.2f})")
+        say(f"step {step}: validation loss {loss:.3f} (ppl {math.exp(min(loss, 50)):.2f})")
 
     def checkpoint() -> None:
         if writer:
@@ -394,17 +395,16 @@ def train(
             if plot is not None:
                 plot_losses(state, plot, meta.get("title", "training loss"))
 
-    if state.step == 0:  # the starting loss: the first point of the plot
-        validate(0)
+    progress = Progress(config.iters, "training", "step", initial=state.step, enabled=writer)
+    say = partial(progress.note, log)  # step lines above the bar on a terminal, in order in a log
 
-    mx.reset_peak_memory()
-    window_loss = window_tokens = 0.0
-    window_start = time.perf_counter()
-    window_steps = 0
-    with (
-        _StopRequest() as stop,
-        tqdm(total=config.iters, initial=state.step, desc="training", unit="step", disable=not writer, dynamic_ncols=True) as bar,
-    ):
+    with progress, _StopRequest() as stop:
+        if state.step == 0:  # the starting loss: the first point of the plot
+            validate(0)
+        mx.reset_peak_memory()
+        window_loss = window_tokens = 0.0
+        window_start = time.perf_counter()
+        window_steps = 0
         while state.step < config.iters:
             loss, n_tokens = run_step(state.step)
             state.step += 1
@@ -412,12 +412,11 @@ def train(
             window_loss += loss * n_tokens
             window_tokens += n_tokens
             window_steps += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}")
+            progress.update(1, f"loss {loss:.3f}")
 
             if state.step % config.report_every == 0 or state.step == config.iters:
                 elapsed = time.perf_counter() - window_start
-                log(
+                say(
                     f"step {state.step}: train loss {window_loss / window_tokens:.3f}, "
                     f"lr {optimizer.learning_rate.item():.2e}, {window_steps / elapsed:.2f} it/s, "
                     f"{window_tokens / elapsed:.1f} tok/s, peak memory {mx.get_peak_memory() / 1e9:.3f} GB"
