@@ -1,24 +1,34 @@
 """Train the bundled demo model from scratch, end to end.
 
-python -m elm_mlx.demo.build --corpus ../shared/corpus/tinyshakespeare.txt --out elm_mlx/demo/OpenELM-Shakespeare
+python -m elm_mlx.demo.build                 writes ./OpenELM-Shakespeare (about an hour on 2 CPU cores)
 
+0. The corpus is tinyshakespeare, downloaded once into elm-mlx's cache and
+   checked by its SHA-256 (or any UTF-8 .txt given with --corpus).
 1. A SentencePiece BPE tokenizer (byte fallback, Llama-2 style ids: unk 0, bos 1,
    eos 2) is trained on the first 90% of the corpus; the last 10% is held out.
 2. A small layer-wise scaled OpenELM is initialised (GPT-2 style: N(0, 0.02),
    residual output projections scaled by 1/sqrt(2 * layers)).
-3. elm_mlx.lora's trainer trains all weights (--fine-tune-type full).
+3. elm_mlx.lora's trainer trains all weights (--fine-tune-type full),
+   validating on a fixed sample of the held-out set as it goes.
 4. The weights are written the way Apple publishes OpenELM: float16
    model.safetensors with the Hugging Face names and "pt" format metadata,
    and an Apple-style config.json. The validation loss in the model card is
-   measured on exactly those float16 values.
+   measured on exactly those float16 values, over the whole held-out set.
+
+Every option and output path is checked before any of this starts, and the
+bundled model is replaced only when --replace-bundled asks for it.
 """
 
+import hashlib
+import http.client
 import io
 import json
 import math
 import os
 import platform
+import tempfile
 import time
+import urllib.request
 from dataclasses import asdict
 from pathlib import Path
 from typing import List, Optional
@@ -29,16 +39,24 @@ from mlx.utils import tree_flatten
 
 import elm_mlx
 
-from ..cli import ArgumentParser, run_cli
+from ..cli import SEED, ArgumentParser, check_output_path, float_in, int_at_least, non_negative_int, positive_int, run_cli
 from ..errors import ElmError
-from ..files import atomic_directory
-from ..load import build_model
-from ..lora.data import holdout_start, load_datasets
+from ..files import atomic_directory, refuse_existing
+from ..load import build_model, cache_root
+from ..lora.data import eval_batches, holdout_start, load_datasets, read_text
 from ..lora.trainer import TrainingConfig, evaluate, plot_losses, prepare_model, train
 from ..models.openelm import layerwise_multipliers, make_divisible
 from ..tokenizer import SentencePieceTokenizer
+from . import DEMO_DIR, DEMO_NAME
 
 VALID_FRACTION = 0.1
+
+# The corpus: Karpathy's tinyshakespeare (public domain), fixed by its hash so recorded figures are reproducible.
+CORPUS_NAME = "tinyshakespeare"
+CORPUS_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+CORPUS_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+CORPUS_MAX_BYTES = 4 << 20  # the file is 1.1 MB; anything much larger is not it
+DOWNLOAD_TIMEOUT = 60  # seconds without data before the download is given up
 
 # A 6-layer OpenELM, widths by CoreNet's layer-wise scaling rule: query heads 4 -> 8,
 # kv heads 2 -> 4, FFN 0.5x -> 4x model_dim. GQA ratio 2 rather than the family's 4:
@@ -47,7 +65,7 @@ VALID_FRACTION = 0.1
 SHAPE = dict(num_transformer_layers=6, model_dim=256, head_dim=32, num_gqa_groups=2, vocab_size=2048, ffn_dim_divisor=64)
 
 
-def demo_config() -> dict:
+def demo_config(vocab_size: int = SHAPE["vocab_size"]) -> dict:
     n, dim, head_dim, groups = (SHAPE[k] for k in ("num_transformer_layers", "model_dim", "head_dim", "num_gqa_groups"))
     query_dims = [make_divisible(dim * m, head_dim * groups) for m in layerwise_multipliers(0.5, 1.0, n)]
     query_heads = [q // head_dim for q in query_dims]
@@ -57,6 +75,7 @@ def demo_config() -> dict:
         "model_type": "openelm",
         "torch_dtype": "float16",
         **SHAPE,
+        "vocab_size": vocab_size,
         "num_query_heads": query_heads,
         "num_kv_heads": [q // groups for q in query_heads],
         "ffn_multipliers": layerwise_multipliers(0.5, 4.0, n),
@@ -79,6 +98,14 @@ def train_tokenizer(train_text: str, vocab_size: int) -> bytes:
     import sentencepiece as spm
 
     out = io.BytesIO()
+    try:
+        _train_sentencepiece(spm, train_text, vocab_size, out)
+    except RuntimeError as e:  # e.g. "Vocabulary size is too high (2048). Please set it to a value <= 900."
+        raise ElmError(f"training the tokenizer failed: {str(e).rsplit('] ', 1)[-1]} (see --vocab-size)") from None
+    return out.getvalue()
+
+
+def _train_sentencepiece(spm, train_text: str, vocab_size: int, out: io.BytesIO) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(train_text.split("\n")),
         model_writer=out,
@@ -95,7 +122,6 @@ def train_tokenizer(train_text: str, vocab_size: int) -> bytes:
         pad_id=-1,
         minloglevel=2,
     )
-    return out.getvalue()
 
 
 def initial_weights(config: dict, seed: int) -> dict:
@@ -137,82 +163,173 @@ text; it knows nothing else. For real work use Apple's models, e.g. `--model app
   FFN multipliers {config["ffn_multipliers"]} (layer-wise scaling), tied embeddings
 - parameters: {params:,}; weights float16 ({facts["weights_bytes"] / 1e6:.1f} MB), Hugging Face layout and names
 - tokenizer: SentencePiece BPE, {config["vocab_size"]} pieces, byte fallback, trained on the training split
-- data: tinyshakespeare ({facts["corpus_chars"]:,} characters, public domain); the last 10% (cut at a line break) is held out
+- data: {facts["corpus"]} ({facts["corpus_chars"]:,} characters); the last 10% (cut at a line break) is held out
   for validation; {facts["train_tokens"]:,} training tokens, {facts["valid_tokens"]:,} validation tokens
 - training: {facts["iters"]} steps of {facts["batch_size"]} x {facts["max_seq_length"]} tokens (about {facts["epochs"]:.1f} epochs),
   AdamW lr {facts["learning_rate"]}, warmup {facts["warmup"]}, cosine decay, weight decay {facts["weight_decay"]}, seed {facts["seed"]},
   {facts["minutes"]:.0f} minutes on {facts["machine"]}
 - validation loss of these float16 weights (evaluated in float32, windows of {facts["max_seq_length"]} tokens):
   **{facts["valid_loss"]:.4f}** nats/token, perplexity **{math.exp(facts["valid_loss"]):.2f}**
-  ({facts["valid_loss"] * facts["valid_tokens"] / facts["valid_chars"] / math.log(2):.3f} bits per character)
+  ({facts["valid_loss"] * facts["valid_tokens"] / facts["valid_chars"] / math.log(2):.3f} bits per character);
+  the curve in loss.png was measured during training on {facts["val_sample"]}
 
-Reproduce: `python -m elm_mlx.demo.build --corpus ../shared/corpus/tinyshakespeare.txt --out DIR`.
+Reproduce: `{facts["command"]}`.
 Made with elm-mlx {elm_mlx.__version__}.
 """
 
 
+# --------------------------------------------------------------------------
+# The corpus
+# --------------------------------------------------------------------------
+
+
+def cached_corpus() -> Path:
+    return cache_root() / "corpus" / f"{CORPUS_NAME}.txt"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def find_corpus(say=print) -> Path:
+    """tinyshakespeare from elm-mlx's cache; downloaded and checked the first time."""
+    path = cached_corpus()
+    if path.is_file() and _sha256(path.read_bytes()) == CORPUS_SHA256:
+        return path
+    say(f"downloading {CORPUS_NAME} (1.1 MB, public domain) from {CORPUS_URL}")
+    data = _download(CORPUS_URL)
+    if _sha256(data) != CORPUS_SHA256:
+        raise ElmError(
+            f"what {CORPUS_URL} sent is not the {CORPUS_NAME} this build expects (SHA-256 differs); "
+            "pass a text file of your own with --corpus FILE"
+        )
+    temporary = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(temporary, path)  # whole or not at all: a cut write is never mistaken for the corpus
+    except OSError as e:
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
+        raise ElmError(
+            f"cannot keep the downloaded corpus in {path.parent}: {e.strerror or e}; set ELM_MLX_CACHE or pass --corpus FILE"
+        ) from None
+    say(f"saved it as {path}")
+    return path
+
+
+def _download(url: str) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response:
+            data = response.read(CORPUS_MAX_BYTES + 1)
+    except (OSError, ValueError, http.client.HTTPException) as e:  # URLError and timeouts are OSErrors
+        reason = getattr(e, "reason", None) or e
+        raise ElmError(
+            f"no --corpus given, and {CORPUS_NAME} could not be downloaded from {CORPUS_URL} ({reason}); "
+            "download that file yourself and pass it with --corpus FILE"
+        ) from None
+    if len(data) > CORPUS_MAX_BYTES:
+        raise ElmError(f"{url} sent more than {CORPUS_MAX_BYTES >> 20} MiB, which is not {CORPUS_NAME}; pass --corpus FILE")
+    return data
+
+
+# --------------------------------------------------------------------------
+# Output paths: all refusals happen before the corpus is read
+# --------------------------------------------------------------------------
+
+
+def _overlap(a: Path, b: Path) -> bool:
+    """a is b, or one lies inside the other (links resolved)."""
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_paths(out: Path, work: Path, corpus: Optional[Path], force: bool, replace_bundled: bool) -> None:
+    """Refuse now, in one line, any --out or --work the build could not or should not write an hour from now."""
+    if replace_bundled:
+        if out.resolve() != DEMO_DIR:
+            raise ElmError(f"--replace-bundled writes only the bundled model {DEMO_DIR}; drop --out {out}, or drop --replace-bundled")
+    elif _overlap(out, DEMO_DIR):
+        raise ElmError(
+            f"--out {out} is, holds or lies in the bundled demo model {DEMO_DIR}; "
+            "choose another --out (or, to rebuild the bundled model itself, pass --replace-bundled)"
+        )
+    if _overlap(work, DEMO_DIR):
+        raise ElmError(f"--work {work} is, holds or lies in the bundled demo model {DEMO_DIR}; choose another --work")
+    if _overlap(out, work):
+        raise ElmError(f"--out {out} and --work {work} must be separate directories, neither inside the other")
+    check_output_path(out, "--out")
+    check_output_path(work, "--work")
+    refuse_existing(out, force or replace_bundled, keep=[corpus] if corpus else [])
+
+
+# --------------------------------------------------------------------------
+# The build
+# --------------------------------------------------------------------------
+
+
 def build(
-    corpus: Path, out: Path, iters: int, batch_size: int, max_seq_length: int, learning_rate: float, seed: int, force: bool, work: Path
+    corpus: Path, out: Path, work: Path, training: TrainingConfig, vocab_size: int, force: bool, command: str = "", say=print
 ) -> dict:
     start = time.perf_counter()
-    text = corpus.read_text(encoding="utf-8")
-    config = demo_config()
-    work.mkdir(parents=True, exist_ok=True)
+    text = read_text(corpus)
+    config = demo_config(vocab_size)
     cut = holdout_start(text, VALID_FRACTION)  # the same split load_datasets makes below
-    tokenizer_bytes = train_tokenizer(text[:cut], config["vocab_size"])
+    say(f"corpus {corpus}: {len(text):,} characters; training a {vocab_size}-piece tokenizer on the first {1 - VALID_FRACTION:.0%}")
+    tokenizer_bytes = train_tokenizer(text[:cut], vocab_size)
+    work.mkdir(parents=True, exist_ok=True)
     (work / "tokenizer.model").write_bytes(tokenizer_bytes)
     tokenizer = SentencePieceTokenizer(work / "tokenizer.model")
-    datasets = load_datasets(str(corpus), tokenizer, max_seq_length, valid_fraction=VALID_FRACTION)
+    datasets = load_datasets(str(corpus), tokenizer, training.max_seq_length, valid_fraction=VALID_FRACTION)
 
     model = build_model(config)
-    model.load_weights(list(initial_weights(config, seed).items()))
-    training = TrainingConfig(
-        fine_tune_type="full",
-        batch_size=batch_size,
-        iters=iters,
-        learning_rate=learning_rate,
-        warmup=max(1, iters // 20),
-        min_lr_ratio=0.1,
-        weight_decay=0.1,
-        grad_clip=1.0,
-        max_seq_length=max_seq_length,
-        seed=seed,
-        report_every=25,
-        eval_every=max(1, iters // 10),
-        val_batches=0,
-        save_every=max(1, iters // 10),
+    model.load_weights(list(initial_weights(config, seed=training.seed).items()))
+    parameters = prepare_model(model, training)
+    windows = len(datasets["valid"].examples)
+    all_batches = sum(1 for _ in eval_batches(datasets["valid"], training.batch_size))
+    sample = min(training.val_batches or all_batches, all_batches)
+    say(
+        f"model: {parameters / 1e6:.1f}M parameters; {training.iters} steps of {training.batch_size} x {training.max_seq_length} tokens, "
+        f"validating on {sample} of {all_batches} held-out batches every {training.eval_every} steps"
     )
-    prepare_model(model, training)
-    state = train(model, datasets, training, work / "run", {"title": "OpenELM-Shakespeare (demo), full training"}, resume=False)
+    state = train(model, datasets, training, work / "run", {"title": f"{DEMO_NAME} (demo), full training"}, resume=False, log=say)
 
-    # What ships is float16: measure the validation loss of exactly those values.
+    # What ships is float16: measure the validation loss of exactly those values, on the whole held-out set.
     weights = {k: v.astype(mx.float16).astype(mx.float32) for k, v in tree_flatten(model.parameters())}
     model.load_weights(list(weights.items()))
     model.eval()
-    valid_loss = evaluate(model, datasets["valid"], batch_size)
+    say(f"evaluating the float16 weights on all {windows} held-out windows")
+    valid_loss = evaluate(model, datasets["valid"], training.batch_size)
     train_tokens = sum(len(e.tokens) - 1 for e in datasets["train"].examples)
+    digest = _sha256(text.encode("utf-8"))
     facts = dict(
+        corpus=f"{CORPUS_NAME} (public domain)" if digest == CORPUS_SHA256 else corpus.name,
+        corpus_sha256=digest,
         parameters=sum(v.size for v in weights.values()),
         weights_bytes=2 * sum(v.size for v in weights.values()),
         corpus_chars=len(text),
         valid_chars=len(text) - cut,
         train_tokens=train_tokens,
         valid_tokens=sum(len(e.tokens) - 1 for e in datasets["valid"].examples),
-        iters=iters,
-        batch_size=batch_size,
-        max_seq_length=max_seq_length,
-        epochs=iters * batch_size * max_seq_length / train_tokens,
-        learning_rate=learning_rate,
+        iters=training.iters,
+        batch_size=training.batch_size,
+        max_seq_length=training.max_seq_length,
+        epochs=training.iters * training.batch_size * training.max_seq_length / train_tokens,
+        learning_rate=training.learning_rate,
         warmup=training.warmup,
         weight_decay=training.weight_decay,
-        seed=seed,
+        seed=training.seed,
         minutes=(time.perf_counter() - start) / 60,
         machine=f"{platform.system()} {platform.machine()}, {mx.default_device()}, mlx {mx.__version__}",
         valid_loss=valid_loss,
+        val_sample=f"{sample} of the {all_batches} held-out batches, spread over it",
+        command=command,
         training=asdict(training),
         val_curve=state.val_losses,
     )
-    with atomic_directory(out, force) as staging:
+    with atomic_directory(out, force, keep=[corpus]) as staging:
         write_hf_checkpoint(staging, config, weights)
         (staging / "tokenizer.model").write_bytes(tokenizer_bytes)
         (staging / "tokenizer_config.json").write_text(
@@ -230,30 +347,112 @@ def build(
         )
         (staging / "README.md").write_text(model_card(config, facts))
         (staging / "training.json").write_text(json.dumps(facts, indent=2))
-        plot_losses(state, staging / "loss.png", "OpenELM-Shakespeare demo: full training from scratch")
+        plot_losses(state, staging / "loss.png", f"{DEMO_NAME} demo: full training from scratch")
     return facts
 
 
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(
+        prog="python -m elm_mlx.demo.build",
+        description=(
+            f"Train the demo OpenELM ({DEMO_NAME}) from scratch on tinyshakespeare and write it as Apple ships OpenELM. "
+            "The defaults are the settings of the bundled model (about an hour on 2 CPU cores)."
+        ),
+    )
+    p.add_argument(
+        "--corpus",
+        type=Path,
+        help=f"UTF-8 .txt file to train on (default: {CORPUS_NAME}, downloaded once from {CORPUS_URL} into "
+        f"{cached_corpus()} and checked by its SHA-256)",
+    )
+    p.add_argument("--out", type=Path, help=f"directory to write the model to (default: ./{DEMO_NAME})")
+    p.add_argument("--force", action="store_true", help="replace --out if it holds an earlier build (never the bundled model)")
+    p.add_argument(
+        "--replace-bundled",
+        action="store_true",
+        help=f"write the result over the bundled model {DEMO_DIR} (for maintainers; default: never)",
+    )
+    p.add_argument(
+        "--work", type=Path, default=Path("demo-build"), help="scratch directory for the tokenizer and checkpoints (default: %(default)s)"
+    )
+    p.add_argument("--iters", type=positive_int, default=800, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="sequences per step (default: %(default)s)")
+    p.add_argument(
+        "--max-seq-length",
+        type=int_at_least(2, 512),
+        default=256,
+        help="tokens per sequence, at most the model's context of 512 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--learning-rate", type=float_in(0, low_open=True), default=1.5e-3, help="peak AdamW learning rate (default: %(default)s)"
+    )
+    p.add_argument("--warmup", type=non_negative_int, help="linear warmup steps, fewer than --iters (default: 5%% of --iters, at least 1)")
+    p.add_argument(
+        "--val-batches",
+        type=non_negative_int,
+        default=4,
+        help="held-out batches per evaluation during training, spread over the held-out set; 0 = all. "
+        "The figures recorded at the end always use all of it (default: %(default)s)",
+    )
+    p.add_argument(
+        "--vocab-size", type=int_at_least(300, 32000), default=SHAPE["vocab_size"], help="tokenizer pieces (default: %(default)s)"
+    )
+    p.add_argument("--seed", type=SEED, default=0, help="seed for the initial weights and the batch order (default: %(default)s)")
+    return p
+
+
 def main(argv: Optional[List[str]] = None) -> None:
-    p = ArgumentParser(prog="python -m elm_mlx.demo.build", description="Train the bundled demo OpenELM from scratch.")
-    p.add_argument("--corpus", type=Path, default=Path("../shared/corpus/tinyshakespeare.txt"))
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "OpenELM-Shakespeare")
-    p.add_argument("--work", type=Path, default=Path("demo-build"), help="scratch directory (tokenizer, checkpoints)")
-    p.add_argument("--iters", type=int, default=800)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-seq-length", type=int, default=256)
-    p.add_argument("--learning-rate", type=float, default=1.5e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true")
+    p = build_parser()
     args = p.parse_args(argv)
-    if not args.corpus.is_file():
-        raise ElmError(f"corpus {args.corpus} not found")
-    facts = build(
-        args.corpus, args.out, args.iters, args.batch_size, args.max_seq_length, args.learning_rate, args.seed, args.force, args.work
+    warmup = max(1, args.iters // 20) if args.warmup is None else args.warmup
+    if warmup >= args.iters:
+        p.error(f"argument --warmup: must be fewer than --iters ({args.iters}), got {warmup}")
+    out = args.out or (DEMO_DIR if args.replace_bundled else Path(DEMO_NAME))
+    if args.corpus is not None:
+        if not args.corpus.is_file():
+            raise ElmError(f"--corpus {args.corpus} is not a file")
+        if args.corpus.suffix != ".txt":
+            raise ElmError(f"--corpus {args.corpus}: the corpus must be a UTF-8 text file named *.txt")
+    check_paths(out, args.work, args.corpus, args.force, args.replace_bundled)
+    training = TrainingConfig(
+        fine_tune_type="full",
+        batch_size=args.batch_size,
+        iters=args.iters,
+        learning_rate=args.learning_rate,
+        warmup=warmup,
+        min_lr_ratio=0.1,
+        weight_decay=0.1,
+        grad_clip=1.0,
+        max_seq_length=args.max_seq_length,
+        seed=args.seed,
+        report_every=25,
+        eval_every=max(1, args.iters // 10),
+        val_batches=args.val_batches,
+        save_every=max(1, args.iters // 10),
     )
-    print(
-        f"wrote {args.out}: validation loss {facts['valid_loss']:.4f} (ppl {math.exp(facts['valid_loss']):.2f}) in {facts['minutes']:.0f} min"
-    )
+    training.check()
+    corpus = args.corpus or find_corpus()
+    facts = build(corpus, out, args.work, training, args.vocab_size, args.force or args.replace_bundled, _command(args, warmup))
+    print(f"wrote {out}: validation loss {facts['valid_loss']:.4f} (ppl {math.exp(facts['valid_loss']):.2f}) in {facts['minutes']:.1f} min")
+
+
+def _command(args, warmup: int) -> str:
+    """The command that repeats this build, for the model card."""
+    words = ["python -m elm_mlx.demo.build", "--out DIR"]
+    if args.corpus is not None:
+        words.append(f"--corpus {args.corpus.name}")
+    defaults = build_parser().parse_args([])
+    for name in ("iters", "batch_size", "max_seq_length", "learning_rate", "val_batches", "vocab_size", "seed"):
+        if getattr(args, name) != getattr(defaults, name):
+            words.append(f"--{name.replace('_', '-')} {getattr(args, name)}")
+    if args.warmup is not None:
+        words.append(f"--warmup {warmup}")
+    return " ".join(words)
 
 
 if __name__ == "__main__":
