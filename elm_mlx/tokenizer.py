@@ -186,11 +186,14 @@ class Tokenizer:
     # -- chat helpers --------------------------------------------------------
     @cached_property
     def _control_pattern(self) -> Optional["re.Pattern"]:
-        """Strings that encode() or _encode_plain() would turn into a token that is not text."""
+        """Strings that encode() or _encode_plain() would turn into a token that is not text.
+
+        One capturing group, so that split() keeps the matches as parts.
+        """
         strings = set(self.special_tokens) | set(self._plain_added_tokens)
         if not strings:
             return None
-        return re.compile("|".join(re.escape(t) for t in sorted(strings, key=len, reverse=True)))
+        return re.compile("(" + "|".join(re.escape(t) for t in sorted(strings, key=len, reverse=True)) + ")")
 
     @property
     def _plain_added_tokens(self) -> Dict[str, int]:
