@@ -33,8 +33,9 @@ float rounding where two candidates tie within it (batched matrix products
 round differently from single-row ones).
 """
 
+import threading
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Set, Union
+from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -93,7 +94,7 @@ class _Sequence:
         self.sampler = make_sampler(request.sampling)
         self.processors = make_logits_processors(request.sampling)
         self.window = request.sampling.repetition_context_size
-        self.keys = key_stream(request.seed)
+        self.keys = key_stream(request.seed) if request.sampling.temp > 0 else None  # greedy draws nothing
         self.text = TextStream(tokenizer, request.stop, request.max_tokens)
 
     @property
@@ -125,6 +126,7 @@ class BatchEngine:
         self.prefilling: List[_Sequence] = []
         self.decoding: List[_Sequence] = []  # in the order of the batch cache's rows
         self._cancelled: Set[int] = set()
+        self._cancel_lock = threading.Lock()  # cancel() may come from another thread
         self._next_id = 0
 
     # ---- the requests ---------------------------------------------------
@@ -138,7 +140,8 @@ class BatchEngine:
 
     def cancel(self, id: int) -> None:
         """Stop a request at the next step, which frees its cache and reports finish_reason "cancelled"."""
-        self._cancelled.add(id)
+        with self._cancel_lock:
+            self._cancelled.add(id)
 
     @property
     def active(self) -> int:
@@ -174,7 +177,8 @@ class BatchEngine:
         return events
 
     def _apply_cancellations(self) -> List[Event]:
-        cancelled, self._cancelled = self._cancelled, set()
+        with self._cancel_lock:
+            cancelled, self._cancelled = self._cancelled, set()
         events = []
         for group in (self.waiting, self.prefilling):
             for seq in [s for s in group if s.id in cancelled]:
@@ -213,39 +217,39 @@ class BatchEngine:
         self.decoding.append(seq)
 
     def _decode(self) -> List[Event]:
-        """One forward pass for every row, each row sampled with its own sampler, processors and key."""
+        """One forward pass for every row; each row's token chosen as it would be alone."""
         rows = self.decoding
         inputs = mx.array([[s.next_input] for s in rows], dtype=mx.uint32)
         logits = self.model(inputs, cache=self.cache, mask=self.cache[0].mask())[:, -1, :]
-        logits = mx.concatenate([self._processed(s, logits[i : i + 1]) for i, s in enumerate(rows)]) if self._any_processors() else logits
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        tokens = mx.concatenate([s.sampler(logprobs[i : i + 1], key=next(s.keys)) for i, s in enumerate(rows)])
+        tokens, logprobs = self._next_tokens(rows, logits)
         mx.eval(tokens, logprobs)
 
         events, leaving = [], []
-        for i, (seq, token) in enumerate(zip(rows, tokens.tolist())):
+        for seq, token, row_logprobs in zip(rows, tokens.tolist(), logprobs):
             seq.next_input = token
             if seq.processors:
                 seq.history.append(token)
             for piece in seq.text.add(token):
-                events.append(seq.event(logprobs=logprobs[i] if piece.token is not None else None, **_closing(piece)))
+                events.append(seq.event(logprobs=row_logprobs if piece.token is not None else None, **_closing(piece)))
             if seq.text.finish_reason is not None:
                 leaving.append(seq)
         if leaving:
             self._leave(leaving)
         return events
 
-    def _any_processors(self) -> bool:
-        return any(s.processors for s in self.decoding)
-
     @staticmethod
-    def _processed(seq: _Sequence, logits: mx.array) -> mx.array:
-        if not seq.processors:
-            return logits
-        history = mx.array(seq.history[-seq.window :], dtype=mx.uint32)
-        for processor in seq.processors:
-            logits = processor(history, logits)
-        return logits
+    def _next_tokens(rows: List[_Sequence], logits: mx.array) -> Tuple[mx.array, List[mx.array]]:
+        """Tokens (B,) and each row's log-probabilities (vocab,): its processors over its own history, its
+        sampler with its own key. Vectorized where that changes nothing: one argmax when all rows are greedy."""
+        if any(s.processors for s in rows):  # row by row: a penalised row turns float32, the others keep their dtype
+            per_row = [_log_softmax(_processed(s, logits[i : i + 1])) for i, s in enumerate(rows)]
+        else:
+            logprobs = _log_softmax(logits)
+            if all(s.keys is None for s in rows):
+                return mx.argmax(logprobs, axis=-1), [logprobs[i] for i in range(len(rows))]
+            per_row = [logprobs[i : i + 1] for i in range(len(rows))]
+        tokens = [s.sampler(row, key=next(s.keys) if s.keys is not None else None) for s, row in zip(rows, per_row)]
+        return mx.concatenate(tokens), [row[0] for row in per_row]
 
     def _leave(self, leaving: List[_Sequence]) -> None:
         """Drop rows from the batch now; their memory is free (or reused) once the smaller arrays are evaluated."""
@@ -278,6 +282,18 @@ class BatchEngine:
             raise ElmError(f"token ids must be in [0, {self.vocab_size - 1}] for this model")
         check_context(len(prompt_ids), max_tokens, self.context_length)
         return prompt_ids
+
+
+def _log_softmax(logits: mx.array) -> mx.array:
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def _processed(seq: _Sequence, logits: mx.array) -> mx.array:
+    """One row's logits after its own processors, which see its own history only."""
+    history = mx.array(seq.history[-seq.window :], dtype=mx.uint32)
+    for processor in seq.processors:
+        logits = processor(history, logits)
+    return logits
 
 
 def _is_token_list(prompt) -> bool:

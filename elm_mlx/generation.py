@@ -269,7 +269,7 @@ def _stream(model, tokenizer, prompt_ids, reused, fed, max_tokens, sampling, sto
         cache=prompt_cache.cache if prompt_cache is not None else None,
         context=prompt_ids[:reused],
         cancel=cancel,
-        keys=key_stream(seed) if seed is not None else None,
+        keys=key_stream(seed) if seed is not None and sampling.temp > 0 else None,
     )
     mx.reset_peak_memory()
     start = time.perf_counter()

@@ -162,7 +162,26 @@ def test_repetition_penalty_uses_each_sequences_own_history(olmo):
     assert [r.tokens for r in results] == expected
 
 
-def test_stop_strings_and_logprobs_per_sequence(demo):
+def test_greedy_sampled_and_penalised_rows_side_by_side_in_float16():
+    """Rows with and without penalties and keys in one float16 batch: each still computes in its own dtype, as alone."""
+    if not (DEMO_DIR / "model.safetensors").exists():
+        pytest.skip("the demo model is not built")
+    model, tokenizer = load(str(DEMO_DIR), dtype="float16")
+    params = [
+        SamplingParams(temp=0, repetition_penalty=1.3),
+        GREEDY,
+        SAMPLED,
+        SamplingParams(temp=0.8, repetition_penalty=1.1),
+        GREEDY,
+    ]
+    seeds = [None, None, 7, 8, None]
+    prompts = PROMPTS[:5]
+    expected = [alone(model, tokenizer, p, max_tokens=24, sampling=s, seed=seed)[1] for p, s, seed in zip(prompts, params, seeds)]
+    results = batch_generate(model, tokenizer, prompts, max_tokens=24, sampling=params, seeds=seeds)
+    assert [r.tokens for r in results] == expected
+
+
+def test_stop_strings_per_sequence(demo):
     model, tokenizer = demo
     full, _, _ = alone(model, tokenizer, PROMPTS[0], max_tokens=30, sampling=GREEDY)
     stop = full[10:13]
