@@ -15,7 +15,8 @@ a left-padded sequence's first token is at position 0, as it is alone. The
 price is padding: a short row next to a long one computes attention over the
 long one's width; rows leaving trim the columns nobody uses. Per-sequence
 caches with one attention call per row would have no padding but B small
-calls per layer, and a paged layout needs a gather-attention kernel MLX lacks.
+calls per layer; a paged layout would need attention over gathered blocks,
+which mx.fast (0.32) does not offer.
 
 Prefill. A new sequence is prefilled alone into its own KVCache, in chunks of
 `prefill_step_size` tokens from its start (the chunks stream_generate uses),
@@ -27,10 +28,10 @@ the batch.
 Alone or batched. Each sequence owns its sampler, logits processors
 (repetition penalty over its own history), stop strings (the TextStream
 stream_generate uses) and random keys (sample.key_stream): a seeded request
-gives the same tokens alone, via stream_generate, or among others. Greedy
-and seeded outputs match the single-stream path token for token, up to
-float rounding where two candidates tie within it (batched matrix products
-round differently from single-row ones).
+gives the same tokens alone, via stream_generate, or among others. The
+tests hold greedy and seeded outputs to the single-stream path token for
+token; in principle a batched matrix product may round differently from a
+single-row one and split a near-tie the other way.
 """
 
 import threading
