@@ -60,7 +60,7 @@ def add_sampling_options(
     """How the next token is picked; the same ranges the server accepts."""
     d = SamplingParams()
     g = p.add_argument_group(title)
-    g.add_argument("--temp", type=float_in(0), default=d.temp, help="sampling temperature, 0 for greedy (default: %(default)s)")
+    g.add_argument("--temp", type=float_in(0, 2), default=d.temp, help="sampling temperature, 0 for greedy (default: %(default)s)")
     g.add_argument(
         "--top-p",
         type=float_in(0, 1, low_open=True),
