@@ -5,8 +5,12 @@ sandbox keeps it from reaching Python internals but not from looping 10^10
 times, building a gigabyte string or nesting without end. Here every render
 gets a budget, checked by the operations that can grow without bound:
 
-- work: each loop iteration, call, filter and arithmetic on sequences costs a
-  unit (plus one per element, or per KiB of text, it processes);
+- work: each loop iteration, call, filter, test, comparison and arithmetic
+  costs a unit, plus one per element it processes and per stretch of text:
+  a unit per KiB where the text is copied or compared (``+``, ``~``, ``==``,
+  slices, every value built), a unit per 32 characters where it is scanned
+  character by character (``in`` on text, string methods, filters), so the
+  budget bounds the time, not just the number of steps;
 - size: no single value may exceed MAX_VALUE_CHARS, checked *before* the
   operations that can make one from small inputs (``*``, ``+``, ``%``, ``~``,
   join, replace, format, indent, widths) and after every call and filter;
@@ -24,9 +28,9 @@ from contextvars import ContextVar
 from typing import Any, Iterable, Iterator
 
 from jinja2 import TemplateError, nodes, pass_context
-from jinja2.compiler import CodeGenerator
+from jinja2.compiler import CodeGenerator, operators
 from jinja2.filters import FILTERS
-from jinja2.runtime import LoopContext
+from jinja2.runtime import Context, LoopContext, Macro
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
 
@@ -39,6 +43,15 @@ MAX_RENDERED_CHARS = 4 << 20
 MAX_VALUE_CHARS = MAX_RENDERED_CHARS
 # A long chat costs a few units per message plus one per KiB of text; this is ~1 s of rendering.
 MAX_WORK = 2_000_000
+# A unit is a loop step (0.1-0.5 us). Copying or comparing text takes under 1 ns a character,
+# scanning it (substring search, case mapping, regexes) up to ~30 ns.
+COPY_CHARS_PER_UNIT = 1024
+SCAN_CHARS_PER_UNIT = 32
+# Fixed costs beyond a step: the sandbox checks every call (~3 us), a filter goes through our checks
+# (~1.5 us), a macro call builds a frame, a context and an output buffer (5-15 us).
+CALL_UNITS = 8
+FILTER_UNITS = 4
+MACRO_CALL_UNITS = 20
 MAX_INT_BITS = 4096
 
 _COUNTED = "_elm_counted"  # the filter every {% for %} iterable passes through
@@ -88,13 +101,27 @@ def _charge(units: int = 1) -> None:
     _BUDGET.get().charge(units)
 
 
-def _work(value: Any) -> int:
-    """Work units for touching a value once: its elements, or its text in KiB."""
+def _work(value: Any, chars_per_unit: int = COPY_CHARS_PER_UNIT) -> int:
+    """Work units for one pass over a value: its elements, or its text at the given rate."""
     if isinstance(value, str):
-        return 1 + len(value) // 1024
+        return 1 + len(value) // chars_per_unit
     if isinstance(value, (list, tuple, dict, set, frozenset)):
         return 1 + len(value)
     return 1
+
+
+def _deep_work(value: Any, chars_per_unit: int = COPY_CHARS_PER_UNIT) -> int:
+    """Work units for a pass over a value and everything in it (a comparison, a sort)."""
+    return 1 + _size(value) // chars_per_unit
+
+
+def _operand_work(value: Any, searched: bool) -> int:
+    """A comparison operand: compared at memcmp speed, or searched character by character (text after ``in``)."""
+    if isinstance(value, str):
+        return _work(value, SCAN_CHARS_PER_UNIT if searched else COPY_CHARS_PER_UNIT)
+    if isinstance(value, (int, float, type(None))):
+        return 1
+    return _deep_work(value)
 
 
 def _size(value: Any) -> int:
@@ -105,8 +132,8 @@ def _size(value: Any) -> int:
         if isinstance(item, str):
             total += len(item)
             continue
-        if isinstance(item, Namespace):
-            item = dict(item.items())
+        if isinstance(item, Namespace):  # {% set ns = namespace(...) %}; jinja2 keeps this one attribute reachable
+            item = item._Namespace__attrs
         if isinstance(item, dict):
             item = [*item.keys(), *item.values()]
         if isinstance(item, (list, tuple, set, frozenset)):
@@ -126,9 +153,12 @@ def _limit(size: int, what: str) -> None:
 
 
 def _checked(value: Any, what: str = "a value") -> Any:
+    """A value an operation just made: refused past the limits, else charged for its size (building it took that)."""
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > MAX_INT_BITS:
         raise TemplateLimitError(f"the chat template builds an integer of more than {MAX_INT_BITS} bits")
-    _limit(_size(value), what)
+    size = _size(value)
+    _limit(size, what)
+    _charge(size // COPY_CHARS_PER_UNIT)
     return value
 
 
@@ -164,6 +194,22 @@ def _format_size(fmt: str, args: Iterable) -> int:
     return len(fmt) + widths + star_widths + sum(_size(a) for a in args)
 
 
+def _indentation(value: Any, indent: int) -> int:
+    """Characters json.dumps(indent=...) adds: a line per element (and per closing bracket), indented by its depth."""
+    if indent <= 0:
+        return 0
+    total, stack = 0, [(value, 1)]
+    while stack and total <= MAX_VALUE_CHARS:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, (list, tuple)) and item:
+            _charge(len(item) + 1)
+            total += (len(item) * depth + depth - 1) * indent + len(item) + 1
+            stack.extend((x, depth + 1) for x in item)
+    return total
+
+
 def _join_size(sep: str, items: Any) -> int:
     return sum(_size(i) for i in items) + len(sep) * max(len(items) - 1, 0)
 
@@ -180,7 +226,7 @@ def _bounded_filter(name: str, func):
     def bounded(*args, **kwargs):
         value, rest = (args[skip], args[skip + 1 :]) if len(args) > skip else (None, ())
         _check_ints([*rest, *kwargs.values()])
-        _charge(1 if name in _CONSTANT_TIME_FILTERS else sum(_work(a) for a in args[skip:]))
+        _charge(FILTER_UNITS + (0 if name in _CONSTANT_TIME_FILTERS else sum(_deep_work(a, SCAN_CHARS_PER_UNIT) for a in args[skip:])))
         if name == "join":
             value = _materialized(value)
             args = (*args[:skip], value, *rest)
@@ -194,9 +240,24 @@ def _bounded_filter(name: str, func):
             _limit(_format_size(value, [*rest, *kwargs.values()]), "a formatted string")
         elif name in ("string", "tojson", "list", "sum", "sort", "unique", "dictsort", "groupby"):
             _limit(_size(value), "a value")
-        if name == "tojson" and not isinstance(kwargs.get("indent", rest[0] if rest else None), (int, type(None))):
-            raise TemplateLimitError("tojson's indent must be a number")
+        if name == "tojson":
+            indent = kwargs.get("indent", rest[0] if rest else None)
+            if not isinstance(indent, (int, type(None))):
+                raise TemplateLimitError("tojson's indent must be a number")
+            _limit(_size(value) + _indentation(value, indent or 0), "a JSON text")
         return _checked(func(*args, **kwargs), f"a value (filter {name})")
+
+    return bounded
+
+
+def _bounded_test(name: str, func):
+    """A test (``is eq``, ``is in``, also in select/reject) charged as the comparison it makes."""
+
+    @functools.wraps(func)
+    def bounded(*args, **kwargs):
+        values = [a for a in (*args, *kwargs.values()) if not isinstance(a, Context)]
+        _charge(sum(_operand_work(v, searched=name == "in" and i > 0) for i, v in enumerate(values)))
+        return func(*args, **kwargs)
 
     return bounded
 
@@ -212,7 +273,8 @@ def _method_owner(obj: Any):
 
 
 class _BoundedCodeGenerator(CodeGenerator):
-    """jinja2's code generator with three hooks: loop iterables are counted, output and ``~`` are bounded."""
+    """jinja2's code generator with hooks: loop iterables are counted, output and ``~`` are bounded,
+    comparison operands are charged."""
 
     def visit_Template(self, node: nodes.Template, frame=None) -> None:
         # Rewritten before jinja2 collects the filters a template uses.
@@ -225,6 +287,24 @@ class _BoundedCodeGenerator(CodeGenerator):
         if literal:
             self.writeline(f"environment.elm_emit({literal})")
         super().visit_Output(node, frame)
+
+    def visit_Compare(self, node: nodes.Compare, frame) -> None:
+        # Each operand is charged as it is evaluated, so chained comparisons keep Python's short-circuiting.
+        self.write("(environment.elm_operand(")
+        self.visit(node.expr, frame)
+        self.write(", False)")
+        for op in node.ops:
+            self.write(f" {operators[op.op]} environment.elm_operand(")
+            self.visit(op.expr, frame)
+            self.write(f", {op.op in ('in', 'notin')})")
+        self.write(")")
+
+    def visit_Getitem(self, node: nodes.Getitem, frame) -> None:
+        if not isinstance(node.arg, nodes.Slice):  # the rest go through the sandbox's getitem
+            return super().visit_Getitem(node, frame)
+        self.write("environment.elm_sliced(")  # a slice copies: charged for what it makes
+        super().visit_Getitem(node, frame)
+        self.write(")")
 
     def visit_Concat(self, node: nodes.Concat, frame) -> None:
         self.write("environment.elm_concat((")
@@ -249,6 +329,7 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
         super().__init__(trim_blocks=True, lstrip_blocks=True, finalize=_finalize)
         self.filters = {name: _bounded_filter(name, FILTERS[name]) for name in _FILTERS}
         self.filters[_COUNTED] = _counted
+        self.tests = {name: _bounded_test(name, test) for name, test in self.tests.items()}
         del self.globals["lipsum"]
         self.globals["raise_exception"] = _raise_exception
 
@@ -256,12 +337,21 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
         _BUDGET.get().emit(chars)
 
     def elm_concat(self, parts: tuple) -> str:
-        _charge(len(parts))
-        _limit(sum(_size(p) for p in parts), "a string")
+        size = sum(_size(p) for p in parts)
+        _limit(size, "a string")
+        _charge(2 * len(parts) + size // COPY_CHARS_PER_UNIT)
         return "".join(str(p) for p in parts)
 
+    def elm_operand(self, value: Any, searched: bool) -> Any:
+        _charge(_operand_work(value, searched))
+        return value
+
+    def elm_sliced(self, value: Any) -> Any:
+        return _checked(value, "a slice")
+
     def call_binop(self, context, operator: str, left: Any, right: Any) -> Any:
-        _charge(_work(left) + _work(right))
+        rate = SCAN_CHARS_PER_UNIT if operator == "%" else COPY_CHARS_PER_UNIT  # % parses its format string
+        _charge(_work(left, rate) + _work(right))
         ints = [x for x in (left, right) if isinstance(x, int) and not isinstance(x, bool)]
         if operator == "*" and len(ints) == 1 and isinstance(left if ints[0] is right else right, (str, list, tuple)):
             sequence = left if ints[0] is right else right
@@ -281,7 +371,7 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
         if kind is not None and name not in _METHODS[kind]:
             raise TemplateLimitError(f"chat templates may not call {kind.__name__}.{name}")
         _check_ints([*args, *kwargs.values()])
-        _charge(_work(owner) + sum(_work(a) for a in args))
+        _charge(CALL_UNITS + _work(owner, SCAN_CHARS_PER_UNIT) + sum(_work(a, SCAN_CHARS_PER_UNIT) for a in args))
         if name == "replace" and len(args) >= 2 and all(isinstance(a, str) for a in args[:2]):
             _limit(_replace_size(owner, args[0], args[1]), "a string")
         elif name == "join" and args:
@@ -291,6 +381,8 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
             _limit(_format_size(owner, [*args, *kwargs.values()]), "a formatted string")
         elif isinstance(__obj, LoopContext) and args:  # loop(children) in a recursive for: count those items too
             args = (_counted(args[0]), *args[1:])
+        elif isinstance(__obj, Macro):
+            _charge(MACRO_CALL_UNITS)
         return _checked(ImmutableSandboxedEnvironment.call(__self, __context, __obj, *args, **kwargs))
 
 
