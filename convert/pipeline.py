@@ -66,7 +66,8 @@ def convert_checkpoint(
     """Convert `source` (local path or Hub id) into the MLX directory `mlx_path`.
 
     `name` labels the model in its card and decides whether it gets the
-    -Instruct chat template (default: the source's own name).
+    -Instruct chat template (default: the source's own name). With no `dtype`,
+    elm_mlx.dtypes.default_dtype picks one for the device MLX runs on here.
     """
     start = time.perf_counter()
     mlx_path = Path(mlx_path)
