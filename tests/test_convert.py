@@ -276,15 +276,20 @@ def test_existing_output_is_refused_unless_forced(tmp_path, tokenizer_file):
     config = tiny_config()
     source = write_hf(tmp_path / "src", config, torch_state_dict(config), "safetensors")
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    first = run_convert("--hf-path", str(source), "--mlx-path", str(out), "--tokenizer", tokenizer_file)
+    assert first.returncode == 0, first.stderr
+    before = (out / "model.safetensors").stat().st_mtime_ns
     result = run_convert("--hf-path", str(source), "--mlx-path", str(out), "--tokenizer", tokenizer_file)
     assert result.returncode != 0 and "already exists; pass --force" in result.stderr
-    assert (out / "keep.txt").read_text() == "mine"
+    assert (out / "model.safetensors").stat().st_mtime_ns == before  # untouched
     result = run_convert("--hf-path", str(source), "--mlx-path", str(out), "--tokenizer", tokenizer_file, "--force")
     assert result.returncode == 0, result.stderr
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert (out / "model.safetensors").is_file() and (out / "model.safetensors").stat().st_mtime_ns != before
     assert "parameters" in result.stdout and "MB" in result.stdout
+    (out / "keep.txt").write_text("mine")  # something of the user's: --force no longer replaces the directory
+    result = run_convert("--hf-path", str(source), "--mlx-path", str(out), "--tokenizer", tokenizer_file, "--force")
+    assert result.returncode != 0 and "not an elm-mlx output file" in result.stderr
+    assert (out / "keep.txt").read_text() == "mine"
 
 
 @pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the default for MLX's CPU device")
