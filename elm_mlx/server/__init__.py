@@ -5,9 +5,10 @@ python -m elm_mlx.server --model DIR_OR_REPO [--host 127.0.0.1] [--port 8080]
 Endpoints: POST /v1/chat/completions, POST /v1/completions (both with
 "stream": true as server-sent events ending in [DONE]), GET /v1/models,
 GET /health. HTTP is Starlette on uvicorn. The package: `schemas` (requests
-checked into jobs), `engine` (the one generation worker), `app` (endpoints
-and response shapes), `connections` (timeouts and log throttling), and the
-command line here.
+checked into jobs), `engine` (the worker that serves one request at a time),
+`batched` (the worker that decodes up to --max-batch requests together, the
+default), `app` (endpoints and response shapes), `connections` (timeouts and
+log throttling), and the command line here.
 
 Every limit a request meets is a flag: --max-tokens-limit, --max-prompt-tokens
 (default: the model's context length), --max-body-bytes, --header-timeout,
@@ -21,10 +22,11 @@ from pathlib import Path
 
 from ..errors import ElmError
 from .app import make_app
+from .batched import BatchedEngine
 from .engine import Engine, Job
 from .schemas import Limits, RequestError
 
-__all__ = ["Engine", "Job", "Limits", "RequestError", "make_app", "build_parser", "main"]
+__all__ = ["Engine", "BatchedEngine", "Job", "Limits", "RequestError", "make_app", "build_parser", "main"]
 
 
 def build_parser():
@@ -35,6 +37,13 @@ def build_parser():
     add_model_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
     p.add_argument("--port", type=int_at_least(1, 65535), default=8080, help="port to listen on (default: %(default)s)")
+    p.add_argument(
+        "--max-batch",
+        type=int_at_least(1, 256),
+        default=8,
+        help="requests decoded together in one forward pass; more wait in arrival order. 1 serves one at a time and "
+        "keeps the last conversation's cache for the next request (default: %(default)s)",
+    )
     limits = p.add_argument_group("limits", "what one request may ask; a request beyond them gets a 4xx")
     limits.add_argument(
         "--max-tokens-limit", type=positive_int, default=4096, help="largest max_tokens a request may ask for (default: %(default)s)"
@@ -93,7 +102,10 @@ def main(argv=None) -> None:
     model_name, model, tokenizer = load_from_args(args, verbose=args.verbose)
     local = Path(model_name).expanduser()
     name = local.resolve().name if local.exists() else model_name  # what /v1/models lists
-    engine = Engine(model, tokenizer, name, aliases=[model_name], prefill_step_size=args.prefill_step_size)
+    if args.max_batch > 1:
+        engine = BatchedEngine(model, tokenizer, name, [model_name], args.prefill_step_size, max_batch=args.max_batch)
+    else:
+        engine = Engine(model, tokenizer, name, aliases=[model_name], prefill_step_size=args.prefill_step_size)
     limits = Limits(
         max_tokens_limit=args.max_tokens_limit,
         max_prompt_tokens=args.max_prompt_tokens if args.max_prompt_tokens is not None else engine.context_length,
@@ -111,9 +123,9 @@ def main(argv=None) -> None:
         http=protocol_with_header_timeout(args.header_timeout),
         timeout_keep_alive=args.keep_alive_timeout,
     )
-    announce = f"serving {name} at http://{args.host}:{args.port}/v1"
-    if engine.context_length:
-        announce += f" (context {engine.context_length} tokens)"
+    details = [f"context {engine.context_length} tokens"] if engine.context_length else []
+    details.append(f"up to {args.max_batch} requests at once")
+    announce = f"serving {name} at http://{args.host}:{args.port}/v1 ({', '.join(details)})"
 
     class AnnouncingServer(uvicorn.Server):
         """Says "serving" only once the socket is bound."""

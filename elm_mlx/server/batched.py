@@ -1,0 +1,119 @@
+"""The batching worker: many requests decoded together, one forward pass per step for all of them.
+
+The same interface as engine.Engine (run(job), name, aliases, tokenizer,
+context_length), so the app does not know which one serves it; the work is
+elm_mlx.batching.BatchEngine's. One thread owns the model: it admits new
+jobs, passes on cancellations from clients that left, runs a step, and hands
+each job its events. A job's slot is freed at the next step after its client
+goes, prefill included (a step prefills at most one chunk).
+"""
+
+import queue
+import time
+from typing import Dict
+
+from ..batching import BatchEngine, Event, Request
+from ..errors import ElmError
+from ..generation import GenerationResponse
+from .engine import Engine, Job, top_logprobs
+
+
+class BatchedEngine(Engine):
+    """Continuous batching for the server: up to `max_batch` requests decode together, the rest queue."""
+
+    def __init__(self, model, tokenizer, name: str, aliases=(), prefill_step_size: int = 512, max_batch: int = 8):
+        self.batch = BatchEngine(model, tokenizer, max_batch=max_batch, prefill_step_size=prefill_step_size)
+        self.max_batch = max_batch
+        self.running: Dict[int, Job] = {}  # BatchEngine id -> the job it serves
+        super().__init__(model, tokenizer, name, aliases, prefill_step_size)
+
+    # Engine's constructor starts the worker thread on _serve.
+    def _serve(self) -> None:
+        while True:
+            self._admit(wait=not self.running)
+            self._pass_on_cancellations()
+            try:
+                events = self.batch.step()
+            except Exception as e:  # a bug must not kill the worker: fail the jobs it was serving, start afresh
+                self._fail_all(e)
+                continue
+            for event in events:
+                self._deliver(event)
+
+    def _admit(self, wait: bool) -> None:
+        """Hand every arrived job to the batch; with nothing running, sleep until one arrives."""
+        while True:
+            try:
+                job = self.jobs.get(block=wait)
+            except queue.Empty:
+                return
+            wait = False
+            if job.cancelled.is_set():
+                job.emit(None)
+                continue
+            request = Request(job.prompt_ids, job.max_tokens, job.sampling, job.stop, job.seed)
+            try:
+                self.running[self.batch.submit(request)] = job
+            except ElmError as e:  # the app checks first; this is the batch's own word on it
+                job.emit(e)
+                job.emit(None)
+
+    def _pass_on_cancellations(self) -> None:
+        for id, job in self.running.items():
+            if job.cancelled.is_set():
+                self.batch.cancel(id)
+
+    def _deliver(self, event: Event) -> None:
+        job = self.running.get(event.id)
+        if job is None:
+            return
+        finished = event.finish_reason is not None
+        if event.prefilled is None and event.finish_reason != "cancelled" and not job.cancelled.is_set():
+            job.emit(self._response(job, event))
+        if finished:
+            del self.running[event.id]
+            self.finished.append(
+                {
+                    "prompt_tokens": event.prompt_tokens,
+                    "generated_tokens": event.generation_tokens,
+                    "cached_tokens": 0,
+                    "cancelled": event.finish_reason == "cancelled",
+                    "finish_reason": event.finish_reason,
+                    "finished_at": time.monotonic(),
+                }
+            )
+            job.emit(None)
+
+    @staticmethod
+    def _response(job: Job, event: Event) -> GenerationResponse:
+        logprobs = None
+        if job.top_logprobs and event.logprobs is not None and event.token is not None:
+            logprobs = top_logprobs(event.logprobs, event.token, job.top_logprobs)
+        return GenerationResponse(
+            text=event.text,
+            token=event.token,
+            logprobs=logprobs,
+            prompt_tokens=event.prompt_tokens,
+            prompt_tps=0.0,
+            generation_tokens=event.generation_tokens,
+            generation_tps=0.0,
+            peak_memory_gb=0.0,
+            finish_reason=event.finish_reason,
+        )
+
+    def _fail_all(self, error: Exception) -> None:
+        for job in self.running.values():
+            job.emit(error)
+            job.emit(None)
+        self.running.clear()
+        self.batch = BatchEngine(self.model, self.tokenizer, max_batch=self.max_batch, prefill_step_size=self.prefill_step_size)
+
+    def status(self) -> dict:
+        """What /health reports: requests decoding or prefilling, requests waiting, and the batch's memory."""
+        return {
+            "active": self.batch.active,
+            "queued": self.batch.queued + self.jobs.qsize(),
+            "max_batch": self.max_batch,
+            "kv_bytes": self.batch.kv_bytes(),
+            "padding_fraction": round(self.batch.padding_fraction(), 4),
+        }
