@@ -253,9 +253,18 @@ def test_real_torch_state_dicts_still_load(tmp_path):
 
 
 def test_zero_stride_tensor_saved_by_torch_is_refused(tmp_path):
-    """torch.save keeps expand()'s zero strides: a tiny file describing a huge tensor."""
+    """torch.save keeps expand()'s zero strides: a tiny file describing a 10 GB tensor, read under the memory cap."""
     torch = pytest.importorskip("torch")
-    torch.save({"w": torch.zeros(1).expand(50_000, 50_000)}, tmp_path / "e.bin")
-    assert (tmp_path / "e.bin").stat().st_size < 2000
-    with pytest.raises(ElmError, match="e.bin: a tensor of 2500000000 elements views storage 0, which holds only 1"):
-        load_torch_state_dict(tmp_path / "e.bin")
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "config.json").write_text(json.dumps(tiny_config()))
+    torch.save({"w": torch.zeros(1).expand(50_000, 50_000)}, source / "pytorch_model.bin")
+    assert (source / "pytorch_model.bin").stat().st_size < 2000
+    out = tmp_path / "out"
+    result = run_limited(
+        [sys.executable, "-m", "convert", "--hf-path", str(source), "--mlx-path", str(out)], memory_bytes=MEMORY, timeout=120
+    )
+    line = result.one_line_error()
+    assert result.returncode == 1, result.stderr
+    assert line.startswith("error: pytorch_model.bin") and "a tensor of 2500000000 elements views storage 0, which holds only 1" in line
+    assert not out.exists()
