@@ -32,6 +32,14 @@ gives the same tokens alone, via stream_generate, or among others. The
 tests hold greedy and seeded outputs to the single-stream path token for
 token; in principle a batched matrix product may round differently from a
 single-row one and split a near-tie the other way.
+
+Prompt cache. With a `PromptStore`, a sequence about to be prefilled starts
+from a copy of the keys and values of the longest prefix of its prompt the
+store holds (never its last token, which must run to give logits) and
+prefills only the rest; `Event.cached_tokens` says how many it reused. Its
+prompt is stored once prefilled (so requests arriving together with one
+system prompt compute it once, in turn), and everything it fed the model
+(prompt and answer) when it leaves, cancelled ones included.
 """
 
 import threading
@@ -41,7 +49,7 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import BatchKVCache, KVCache, make_cache
+from .cache import BatchKVCache, KVCache, PromptStore, make_cache
 from .errors import ElmError
 from .generation import Piece, TextStream, check_context, check_request, context_length, prefill_chunk
 from .sample import SamplingParams, key_stream, make_logits_processors, make_sampler
@@ -69,6 +77,8 @@ class Event:
     empty while a character or a possible stop string is pending). The end:
     token None and `finish_reason` "stop", "length" or "cancelled", with any
     remaining text. Prefill progress: `prefilled` prompt tokens computed.
+    Every event says how many prompt tokens came from the prompt cache
+    (`cached_tokens`, what usage.prompt_tokens_details.cached_tokens reports).
     """
 
     id: int
@@ -79,6 +89,7 @@ class Event:
     prefilled: Optional[int] = None
     prompt_tokens: int = 0
     generation_tokens: int = 0
+    cached_tokens: int = 0
 
 
 class _Sequence:
@@ -90,6 +101,8 @@ class _Sequence:
         self.cache: Optional[List[KVCache]] = None  # its own while prefilling; then a row of the batch
         self.prompt: Optional[mx.array] = None  # the prompt's ids as an array, while prefilling
         self.prefilled = 0
+        self.cached = 0  # prompt tokens whose keys and values came from the prompt store
+        self.generated: List[int] = []  # every token sampled, so the store knows what the cache holds
         self.next_input = prompt_ids[-1]
         self.history = list(prompt_ids)  # for repetition penalties: the prompt and every token since
         self.sampler = make_sampler(request.sampling)
@@ -103,7 +116,13 @@ class _Sequence:
         return len(self.prompt_ids) - 1
 
     def event(self, **fields) -> Event:
-        return Event(self.id, prompt_tokens=len(self.prompt_ids), generation_tokens=self.text.generated, **fields)
+        return Event(
+            self.id, prompt_tokens=len(self.prompt_ids), generation_tokens=self.text.generated, cached_tokens=self.cached, **fields
+        )
+
+    def fed(self, length: int) -> List[int]:
+        """The first `length` tokens the model was fed: the prompt, then each sampled token as the next input."""
+        return (self.prompt_ids + self.generated)[:length]
 
 
 class BatchEngine:
@@ -112,13 +131,24 @@ class BatchEngine:
     At most `max_batch` sequences hold a cache (prefilling or decoding); the
     others wait in submission order. Not thread-safe, except that cancel()
     may be called from another thread: it takes effect at the next step.
+    `prompt_cache` (a PromptStore, perhaps shared with other engines of the
+    same model) reuses the keys and values of earlier prompts.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Tokenizer, max_batch: int = 8, prefill_step_size: int = 512):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Tokenizer,
+        max_batch: int = 8,
+        prefill_step_size: int = 512,
+        prompt_cache: Optional[PromptStore] = None,
+    ):
         for name, value in (("max_batch", max_batch), ("prefill_step_size", prefill_step_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ElmError(f"{name} must be an integer >= 1, got {value!r}")
-        self.model, self.tokenizer = model, tokenizer
+        if prompt_cache is not None and not isinstance(prompt_cache, PromptStore):
+            raise ElmError(f"prompt_cache must be a PromptStore, got {type(prompt_cache).__name__}")
+        self.model, self.tokenizer, self.store = model, tokenizer, prompt_cache
         self.max_batch, self.prefill_step_size = max_batch, prefill_step_size
         self.context_length = context_length(model)
         self.vocab_size = getattr(getattr(model, "args", None), "vocab_size", None)
@@ -183,7 +213,9 @@ class BatchEngine:
         events = []
         for group in (self.waiting, self.prefilling):
             for seq in [s for s in group if s.id in cancelled]:
-                group.remove(seq)  # a prefilling sequence's own cache goes with it
+                group.remove(seq)  # a prefilling sequence's own cache goes with it, what it computed to the store
+                if self.store is not None and seq.cache is not None:
+                    self.store.store_cache(seq.prompt_ids[: seq.prefilled], seq.cache)
                 events.append(seq.event(finish_reason="cancelled"))
         leaving = [s for s in self.decoding if s.id in cancelled]
         if leaving:
@@ -195,8 +227,12 @@ class BatchEngine:
         """Prefill in submission order, whole chunks only, until prefill_step_size tokens are spent this step."""
         events, spent = [], 0
         for seq in list(self.prefilling):
-            if seq.cache is None:
-                seq.cache = make_cache(self.model)
+            if seq.cache is None:  # looked up now, not at submission: earlier requests may have stored it since
+                if self.store is not None:
+                    seq.cache, seq.cached = self.store.cache_for(self.model, seq.prompt_ids, limit=seq.prefill_end)
+                    seq.prefilled = seq.cached
+                else:
+                    seq.cache = make_cache(self.model)
                 seq.prompt = mx.array(seq.prompt_ids, dtype=mx.uint32)
             while seq.prefilled < seq.prefill_end:
                 chunk = min(self.prefill_step_size, seq.prefill_end - seq.prefilled)
@@ -209,7 +245,9 @@ class BatchEngine:
         return events
 
     def _join(self, seq: _Sequence) -> None:
-        """A prefilled sequence becomes the last row of the batch; its own cache is freed."""
+        """A prefilled sequence becomes the last row of the batch; its own cache is freed (or stored)."""
+        if self.store is not None and seq.prefilled > seq.cached:
+            self.store.store_cache(seq.prompt_ids[: seq.prefilled], seq.cache)
         for batch_layer, own_layer in zip(self.cache, seq.cache):
             batch_layer.add(own_layer)
         mx.eval([c.state for c in self.cache])
@@ -228,6 +266,7 @@ class BatchEngine:
         events, leaving = [], []
         for seq, token, row_logprobs in zip(rows, tokens.tolist(), logprobs):
             seq.next_input = token
+            seq.generated.append(token)
             if seq.processors:
                 seq.history.append(token)
             for piece in seq.text.add(token):
@@ -255,6 +294,11 @@ class BatchEngine:
     def _leave(self, leaving: List[_Sequence]) -> None:
         """Drop rows from the batch now; their memory is free (or reused) once the smaller arrays are evaluated."""
         gone = {s.id for s in leaving}
+        if self.store is not None:
+            for i, seq in enumerate(self.decoding):
+                if seq.id in gone:
+                    row = [layer.row(i) for layer in self.cache]
+                    self.store.store(seq.fed(row[0][0].shape[2]), row)
         rows = [i for i, s in enumerate(self.decoding) if s.id not in gone]
         self.decoding = [self.decoding[i] for i in rows]
         for layer in self.cache:
@@ -314,6 +358,7 @@ class BatchResult:
     finish_reason: str
     prompt_tokens: int
     generation_tokens: int
+    cached_tokens: int = 0  # prompt tokens reused from the prompt cache
 
 
 def batch_generate(
@@ -326,11 +371,13 @@ def batch_generate(
     seeds: Optional[Sequence[Optional[int]]] = None,
     prefill_step_size: int = 512,
     max_batch: int = 8,
+    prompt_cache: Optional[PromptStore] = None,
 ) -> List[BatchResult]:
     """Generate for every prompt, at most `max_batch` decoded together; one result per prompt, in order.
 
     `sampling` is one SamplingParams for all or one per prompt; `seeds` one
-    seed (or None) per prompt. Every request is checked before any work.
+    seed (or None) per prompt; `prompt_cache` a PromptStore to reuse and fill.
+    Every request is checked before any work.
     """
     if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
         raise ElmError("prompts must be a list of prompts (strings or lists of token ids)")
@@ -338,7 +385,7 @@ def batch_generate(
         raise ElmError("prompts is empty")
     samplings = _per_prompt("sampling", sampling if sampling is not None else SamplingParams(), len(prompts), SamplingParams)
     seeds = _per_prompt("seeds", seeds, len(prompts), None) if seeds is not None else [None] * len(prompts)
-    engine = BatchEngine(model, tokenizer, max_batch=max_batch, prefill_step_size=prefill_step_size)
+    engine = BatchEngine(model, tokenizer, max_batch=max_batch, prefill_step_size=prefill_step_size, prompt_cache=prompt_cache)
     ids = [engine.submit(Request(p, max_tokens, s, stop, seed)) for p, s, seed in zip(prompts, samplings, seeds)]
 
     texts: Dict[int, List[str]] = {i: [] for i in ids}
@@ -350,7 +397,9 @@ def batch_generate(
             if e.token is not None:
                 tokens[e.id].append(e.token)
             if e.finish_reason is not None:
-                results[e.id] = BatchResult("".join(texts[e.id]), tokens[e.id], e.finish_reason, e.prompt_tokens, e.generation_tokens)
+                results[e.id] = BatchResult(
+                    "".join(texts[e.id]), tokens[e.id], e.finish_reason, e.prompt_tokens, e.generation_tokens, e.cached_tokens
+                )
     return [results[i] for i in ids]
 
 

@@ -1,12 +1,25 @@
-"""Key/value caches for incremental decoding: one sequence (KVCache) or a batch of them (BatchKVCache).
+"""Key/value caches for incremental decoding.
+
+One sequence: KVCache (everything), RotatingKVCache (the first few tokens and
+the last N: bounded memory for long generations) or QuantizedKVCache (keys
+and values stored in 4 or 8 bits). A batch of sequences: BatchKVCache.
+Reuse across requests: PromptCache (one conversation, the CLI chat) and
+PromptStore (many prefixes, bounded in bytes, for a server).
 
 Storage grows in blocks of `step` positions, so appending one token is a slice
 assignment into preallocated memory, not a reallocation per token.
 """
 
-from typing import List, Optional, Sequence, Tuple
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
+import numpy as np
+
+from .errors import ElmError
 
 
 class KVCache:
@@ -45,14 +58,230 @@ class KVCache:
         self.offset -= n
         return n
 
+    def contents(self) -> Tuple[mx.array, mx.array]:
+        """The (1, heads, offset, dim) keys and values held, as copies (the storage's spare blocks stay behind)."""
+        return mx.contiguous(self.keys[..., : self.offset, :]), mx.contiguous(self.values[..., : self.offset, :])
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
     @property
     def state(self) -> List[mx.array]:
         """Arrays to pass to mx.eval to materialise the cache."""
         return [] if self.keys is None else [self.keys, self.values]
 
 
-def make_cache(model) -> List[KVCache]:
+class RotatingKVCache:
+    """Keys and values of the first `keep` tokens and of the most recent ones, `max_size` in all.
+
+    Every token attends to the `keep` first tokens (which draw much of the
+    attention, "attention sinks") and to the most recent `max_size - keep`
+    ones including itself; older ones are dropped, so memory stays bounded
+    however long the sequence grows. Positions are never reused: rotary
+    positions keep counting (`offset`), so the model's context length still
+    bounds the sequence. Until more than `max_size` tokens have been seen,
+    attention is exactly that of KVCache.
+
+    Held in temporal order: a step appends by concatenation, dropping the
+    tokens no query can see any more (one copy of the window per step; a ring
+    buffer would avoid it, at the price of positions out of order).
+    """
+
+    def __init__(self, max_size: int, keep: int = 4):
+        if max_size <= keep:
+            raise ElmError(f"the KV window must hold more than the {keep} first tokens it keeps, got {max_size}")
+        self.max_size, self.keep = max_size, keep
+        self.keys: Optional[mx.array] = None
+        self.values: Optional[mx.array] = None
+        self.offset = 0  # tokens seen, the next token's position
+
+    @property
+    def held(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def positions(self) -> np.ndarray:
+        """The position of every token held: the first `keep`, then the most recent ones."""
+        recent = self.held - min(self.keep, self.held)
+        return np.concatenate([np.arange(self.held - recent), np.arange(self.offset - recent, self.offset)])
+
+    def mask(self, n: int) -> Optional[mx.array]:
+        """For n new tokens: None when plain causal attention is right, else an (n, held + n) boolean mask
+        letting each token see the first `keep` tokens and the last `max_size - keep` up to itself."""
+        if self.held - self._dropped() + n <= self.max_size:
+            return None
+        keys = np.concatenate([self._kept_positions(), np.arange(self.offset, self.offset + n)])
+        queries = np.arange(self.offset, self.offset + n)[:, None]
+        visible = (keys[None] <= queries) & ((keys[None] < self.keep) | (queries - keys[None] < self.max_size - self.keep))
+        return mx.array(visible)
+
+    def _kept_positions(self) -> np.ndarray:
+        """Positions of the tokens still held once those no new query can see are dropped (see _dropped)."""
+        return np.delete(self.positions(), slice(self.keep, self.keep + self._dropped()))
+
+    def _dropped(self) -> int:
+        """Held tokens the next token cannot see: it sees `keep` first ones and max_size - keep - 1 before itself."""
+        return max(0, self.held - (self.max_size - 1))
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> Tuple[mx.array, mx.array]:
+        """Append keys/values; return those the new tokens may attend to (mask(n) says which sees which)."""
+        if self.keys is None:
+            self.keys, self.values = keys, values
+        else:
+            drop = self._dropped()
+            self.keys = mx.concatenate([self.keys[..., : self.keep, :], self.keys[..., self.keep + drop :, :], keys], axis=2)
+            self.values = mx.concatenate([self.values[..., : self.keep, :], self.values[..., self.keep + drop :, :], values], axis=2)
+        self.offset += keys.shape[2]
+        return self.keys, self.values
+
+    def trim(self, n: int) -> int:
+        """Forget the last n tokens; possible only while nothing has been dropped (returns 0 otherwise)."""
+        if self.held != self.offset:
+            return 0
+        n = min(self.offset, n)
+        if n:
+            self.keys, self.values = self.keys[..., : self.offset - n, :], self.values[..., : self.offset - n, :]
+            self.offset -= n
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    @property
+    def state(self) -> List[mx.array]:
+        return [] if self.keys is None else [self.keys, self.values]
+
+
+class QuantizedKVCache:
+    """Keys and values stored quantized (mx.quantize, `bits` per number, one scale and bias per `group_size`).
+
+    Attention reads them dequantized: every step dequantizes the whole cache,
+    one layer at a time (correctness before speed on the CPU), so what stays
+    in memory between steps is the quantized form, about bits/16 of float16
+    plus a scale and a bias per group, and attention differs from the plain
+    cache's by the quantization error only. New
+    keys are quantized before they are attended to, so what a token sees does
+    not depend on whether it was computed in this step or an earlier one.
+    """
+
+    step = 256
+
+    def __init__(self, bits: int = 8, group_size: int = 64):
+        self.bits, self.group_size = bits, group_size
+        self.keys: Optional[Tuple[mx.array, ...]] = None  # (packed, scales, biases)
+        self.values: Optional[Tuple[mx.array, ...]] = None
+        self.offset = 0
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> Tuple[mx.array, mx.array]:
+        start, n = self.offset, keys.shape[2]
+        packed_k = mx.quantize(keys, group_size=self.group_size, bits=self.bits)
+        packed_v = mx.quantize(values, group_size=self.group_size, bits=self.bits)
+        if self.keys is None or start + n > self.keys[0].shape[2]:
+            room = -(-n // self.step) * self.step
+            self.keys = self._grown(self.keys, packed_k, room)
+            self.values = self._grown(self.values, packed_v, room)
+        for stored, new in ((self.keys, packed_k), (self.values, packed_v)):
+            for part, new_part in zip(stored, new):
+                part[..., start : start + n, :] = new_part
+        self.offset += n
+        return self._read(self.keys), self._read(self.values)
+
+    def _grown(self, stored, new, room: int):
+        """Storage with `room` more positions after the `offset` in use."""
+        blank = [mx.zeros((*p.shape[:2], room, p.shape[3]), p.dtype) for p in new]
+        if stored is None:
+            return tuple(blank)
+        return tuple(mx.concatenate([p[..., : self.offset, :], b], axis=2) for p, b in zip(stored, blank))
+
+    def _read(self, stored) -> mx.array:
+        packed, scales, biases = (p[..., : self.offset, :] for p in stored)
+        return mx.dequantize(packed, scales, biases, group_size=self.group_size, bits=self.bits)
+
+    def trim(self, n: int) -> int:
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else sum(p.nbytes for p in (*self.keys, *self.values))
+
+    @property
+    def state(self) -> List[mx.array]:
+        return [] if self.keys is None else [*self.keys, *self.values]
+
+
+LayerCache = Union[KVCache, RotatingKVCache, QuantizedKVCache]
+
+KV_BITS = (4, 8)
+KV_GROUP_SIZES = (32, 64, 128)
+KEEP_TOKENS = 4  # the first tokens a rotating window always keeps (as mlx-lm's RotatingKVCache does)
+
+
+@dataclass(frozen=True)
+class KVOptions:
+    """How a single sequence's cache stores keys and values: all of them (the default), a rotating window of
+    `max_size`, or quantized to `bits` with `group_size`. Window and quantization do not combine."""
+
+    max_size: Optional[int] = None
+    bits: Optional[int] = None
+    group_size: Optional[int] = None  # None: 64, or the head size when that is smaller
+
+    def __post_init__(self):
+        if self.max_size is not None and (not _is_int(self.max_size) or self.max_size <= KEEP_TOKENS):
+            raise ElmError(f"max_kv_size must be an integer above {KEEP_TOKENS}, got {self.max_size!r}")
+        if self.bits is not None and self.bits not in KV_BITS:
+            raise ElmError(f"kv_bits must be one of {', '.join(map(str, KV_BITS))}, got {self.bits!r}")
+        if self.group_size is not None and self.group_size not in KV_GROUP_SIZES:
+            raise ElmError(f"kv_group_size must be one of {', '.join(map(str, KV_GROUP_SIZES))}, got {self.group_size!r}")
+        if self.group_size is not None and self.bits is None:
+            raise ElmError("kv_group_size needs kv_bits")
+        if self.max_size is not None and self.bits is not None:
+            raise ElmError("a rotating KV window (max_kv_size) and KV quantization (kv_bits) do not combine; choose one")
+
+    @property
+    def plain(self) -> bool:
+        return self.max_size is None and self.bits is None
+
+    def make(self, model) -> List[LayerCache]:
+        """One cache per layer of `model`; ElmError when its head size does not split into quantization groups."""
+        if self.max_size is not None:
+            return [RotatingKVCache(self.max_size, KEEP_TOKENS) for _ in model.layers]
+        if self.bits is not None:
+            group = self.group_size or _default_group(model)
+            head_dim = _head_dim(model)
+            if head_dim is not None and head_dim % group:
+                raise ElmError(f"kv_group_size {group} does not divide this model's head size {head_dim}; use one that does")
+            return [QuantizedKVCache(self.bits, group) for _ in model.layers]
+        return make_cache(model)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _head_dim(model) -> Optional[int]:
+    value = getattr(getattr(model, "args", None), "head_dim", None)
+    return value if _is_int(value) else None
+
+
+def _default_group(model) -> int:
+    head_dim = _head_dim(model)
+    return 32 if head_dim is not None and head_dim < 64 else 64
+
+
+def make_cache(model, kv: Optional[KVOptions] = None) -> List[LayerCache]:
+    """A fresh cache for every layer: plain unless `kv` asks for a window or quantization."""
+    if kv is not None and not kv.plain:
+        return kv.make(model)
     return [KVCache() for _ in model.layers]
+
+
+def attention_mask(cache: Sequence[LayerCache], n: int) -> Optional[mx.array]:
+    """The mask n new tokens need with this cache, or None for the model's own (causal) choice."""
+    first = cache[0] if cache else None
+    return first.mask(n) if isinstance(first, RotatingKVCache) else None
 
 
 class BatchKVCache:
@@ -133,6 +362,11 @@ class BatchKVCache:
         self.size -= start
         self._offset = None
 
+    def row(self, b: int) -> Tuple[mx.array, mx.array]:
+        """Row b's own keys and values, (1, heads, its length, dim), padding left out."""
+        start = self.padding[b]
+        return self.keys[b : b + 1, :, start : self.size, :], self.values[b : b + 1, :, start : self.size, :]
+
     def _allocate(self, keys: mx.array, values: mx.array) -> None:
         """Zero-width storage for the rows so far, once the first keys tell the heads, width and dtype."""
         B = len(self.padding)
@@ -178,25 +412,35 @@ class PromptCache:
     the longest common prefix need a forward pass.
     """
 
-    def __init__(self, model):
-        self.model = model
-        self.cache: List[KVCache] = make_cache(model)
+    def __init__(self, model, kv: Optional[KVOptions] = None):
+        self.model, self.kv = model, kv
+        self.cache: List[LayerCache] = make_cache(model, kv)
         self.tokens: List[int] = []
 
     def reuse(self, prompt: Sequence[int]) -> int:
-        """Keep the cached prefix `prompt` starts with (all but its last token at most); return its length."""
+        """Keep the cached prefix `prompt` starts with (all but its last token at most); return its length.
+
+        A rotating window that has dropped tokens cannot go back: unless the
+        prompt extends everything it holds, it starts afresh.
+        """
         common = 0
         for cached, new in zip(self.tokens, prompt[:-1]):  # the last prompt token must run to give logits
             if cached != new:
                 break
             common += 1
-        if common == 0:
-            self.cache, self.tokens = make_cache(self.model), []
+        if common == 0 or not self._trim_to(common):
+            self.cache, self.tokens = make_cache(self.model, self.kv), []
             return 0
-        for layer_cache in self.cache:
-            layer_cache.trim(layer_cache.offset - common)
         self.tokens = self.tokens[:common]
         return common
+
+    def _trim_to(self, length: int) -> bool:
+        """Make every layer hold `length` tokens; False when one cannot (see RotatingKVCache.trim)."""
+        for layer_cache in self.cache:
+            extra = layer_cache.offset - length
+            if extra and layer_cache.trim(extra) != extra:
+                return False
+        return True
 
     def record(self, tokens: Sequence[int]) -> None:
         """After generation: `tokens` were fed (the prompt, then every generated token).
@@ -206,6 +450,150 @@ class PromptCache:
         `tokens` names.
         """
         keep = min([len(tokens)] + [c.offset for c in self.cache])
-        for layer_cache in self.cache:
-            layer_cache.trim(layer_cache.offset - keep)
+        if not self._trim_to(keep):
+            self.cache, keep = make_cache(self.model, self.kv), 0
         self.tokens = list(tokens[:keep])
+
+
+# --------------------------------------------------------------------------
+# Many prompts: a server's prompt store
+# --------------------------------------------------------------------------
+
+DEFAULT_PROMPT_CACHE_FRACTION = 0.25  # of physical memory
+DEFAULT_PROMPT_CACHE_CAP = 2 << 30
+
+
+def physical_memory() -> Optional[int]:
+    """Bytes of RAM, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def default_prompt_cache_bytes() -> int:
+    """min(25% of RAM, 2 GiB): room for many long prompts of a small model without crowding the weights out."""
+    ram = physical_memory()
+    return DEFAULT_PROMPT_CACHE_CAP if ram is None else min(int(ram * DEFAULT_PROMPT_CACHE_FRACTION), DEFAULT_PROMPT_CACHE_CAP)
+
+
+@dataclass
+class _Entry:
+    tokens: np.ndarray  # int64 token ids, for vectorised prefix comparison
+    layers: List[Tuple[mx.array, mx.array]]  # per layer, (1, heads, len(tokens), dim) keys and values
+    nbytes: int
+
+
+class PromptStore:
+    """Keys and values of many earlier token sequences, reused by any later prompt that shares a prefix.
+
+    A request finds the stored sequence with the longest common prefix and
+    copies that prefix's keys and values into its own fresh cache, so only
+    the rest of its prompt is computed: a system prompt that every
+    conversation starts with, or a conversation's history resent with each
+    turn. Entries are evicted least recently used first, so the total stays
+    within `max_bytes` (0 stores nothing). A sequence that is a prefix of a
+    stored one is not stored again; storing one that extends a stored one
+    replaces it. Safe to share between threads.
+    """
+
+    def __init__(self, max_bytes: Optional[int] = None):
+        if max_bytes is None:
+            max_bytes = default_prompt_cache_bytes()
+        ram = physical_memory()
+        if not _is_int(max_bytes) or max_bytes < 0:
+            raise ElmError(f"the prompt cache size must be a whole number of bytes >= 0, got {max_bytes!r}")
+        if ram is not None and max_bytes > ram:
+            raise ElmError(f"a prompt cache of {max_bytes} bytes is more than this machine's memory ({ram} bytes)")
+        self.max_bytes = max_bytes
+        self._entries: "OrderedDict[int, _Entry]" = OrderedDict()  # least recently used first
+        self._next = 0
+        self._lock = threading.Lock()
+        self.nbytes = 0
+        self.hits = 0  # lookups that reused at least one token
+        self.reused_tokens = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, prompt: Sequence[int], limit: Optional[int] = None) -> Tuple[int, List[Tuple[mx.array, mx.array]]]:
+        """The longest stored prefix of `prompt` (at most `limit` tokens): its length and per-layer keys and values.
+
+        The arrays are the stored ones sliced, never to be written to (MLX
+        arrays are values: a cache that copies them in cannot change them).
+        """
+        limit = len(prompt) if limit is None else min(limit, len(prompt))
+        if limit <= 0:
+            return 0, []
+        wanted = np.asarray(prompt[:limit], dtype=np.int64)
+        with self._lock:
+            best, best_key = 0, None
+            for key, entry in self._entries.items():
+                common = _common_prefix(entry.tokens, wanted)
+                if common > best:
+                    best, best_key = common, key
+            if best_key is None:
+                return 0, []
+            self._entries.move_to_end(best_key)
+            self.hits += 1
+            self.reused_tokens += best
+            layers = self._entries[best_key].layers
+        return best, [(k[..., :best, :], v[..., :best, :]) for k, v in layers]
+
+    def cache_for(self, model, prompt: Sequence[int], limit: Optional[int] = None) -> Tuple[List[KVCache], int]:
+        """A fresh cache for `prompt` holding its longest stored prefix (at most `limit` tokens), and that length."""
+        cache = make_cache(model)
+        reused, layers = self.lookup(prompt, limit)
+        for layer_cache, (keys, values) in zip(cache, layers):
+            layer_cache.update_and_fetch(keys, values)
+        if reused:
+            mx.eval([c.state for c in cache])
+        return cache, reused
+
+    def store(self, tokens: Sequence[int], layers: Sequence[Tuple[mx.array, mx.array]]) -> bool:
+        """Keep the keys and values of `tokens` (per layer, (1, heads, len(tokens), dim)); False when not kept
+        (nothing to keep, larger than the whole budget, or already covered by a stored sequence)."""
+        n = len(tokens)
+        if n == 0 or not layers or any(k.shape[2] != n or v.shape[2] != n for k, v in layers):
+            return False
+        nbytes = sum(k.nbytes + v.nbytes for k, v in layers)
+        if nbytes > self.max_bytes:
+            return False
+        ids = np.asarray(tokens, dtype=np.int64)
+        with self._lock:
+            for key, entry in list(self._entries.items()):
+                common = _common_prefix(entry.tokens, ids)
+                if common == n:  # already stored, perhaps with more after it
+                    self._entries.move_to_end(key)
+                    return False
+                if common == len(entry.tokens):  # the new one extends it
+                    self._remove(key)
+            while self._entries and self.nbytes + nbytes > self.max_bytes:
+                self._remove(next(iter(self._entries)))
+            layers = [(mx.contiguous(k), mx.contiguous(v)) for k, v in layers]  # no views into larger buffers
+            mx.eval(layers)
+            self._next += 1
+            self._entries[self._next] = _Entry(ids, layers, nbytes)
+            self.nbytes += nbytes
+        return True
+
+    def store_cache(self, tokens: Sequence[int], cache: Sequence[KVCache]) -> bool:
+        """store() what a sequence's own per-layer KVCache holds; it must hold exactly `tokens`."""
+        if not cache or any(c.offset != len(tokens) or c.keys is None for c in cache):
+            return False
+        return self.store(tokens, [(c.keys[..., : c.offset, :], c.values[..., : c.offset, :]) for c in cache])
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.nbytes = 0
+
+    def _remove(self, key: int) -> None:
+        self.nbytes -= self._entries.pop(key).nbytes
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the longest common prefix of two 1-d integer arrays."""
+    m = min(len(a), len(b))
+    differ = np.flatnonzero(a[:m] != b[:m])
+    return int(differ[0]) if differ.size else m
