@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 
 uvicorn = pytest.importorskip("uvicorn")
@@ -20,6 +21,15 @@ from elm_mlx.server import Engine, Limits, make_app  # noqa: E402
 from elm_mlx.server.connections import OncePerInterval, protocol_with_header_timeout  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _refuse(constant):
+    raise AssertionError(f"the server wrote {constant}, which is not JSON")
+
+
+def strict_json(text):
+    """json.loads refusing NaN and Infinity (which Python's json writes and reads by default)."""
+    return json.loads(text, parse_constant=_refuse)
 
 
 def free_port() -> int:
@@ -61,11 +71,36 @@ class Served:
                 raw += chunk
         head, _, payload = raw.partition(b"\r\n\r\n")
         status = int(head.split()[1])
-        return status, json.loads(payload) if payload else None
+        if b"text/event-stream" in head:
+            return status, _events(payload)
+        return status, strict_json(payload) if payload else None
+
+    def get(self, path: str, timeout: float = 30):
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as s:
+            s.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            raw = b""
+            while chunk := s.recv(65536):
+                raw += chunk
+        head, _, payload = raw.partition(b"\r\n\r\n")
+        return int(head.split()[1]), strict_json(payload)
 
     def stop(self):
         self.server.should_exit = True
         self.thread.join(10)
+
+
+def _events(payload: bytes) -> list:
+    """The JSON events of a server-sent-event stream (chunked transfer encoding undone), strictly parsed."""
+    body, rest = b"", payload
+    while rest:
+        size, _, rest = rest.partition(b"\r\n")
+        n = int(size, 16)
+        if n == 0:
+            break
+        body, rest = body + rest[:n], rest[n + 2 :]
+    lines = [line[len(b"data: ") :] for line in body.split(b"\n") if line.startswith(b"data: ")]
+    assert lines and lines[-1] == b"[DONE]", body[-500:]
+    return [strict_json(line) for line in lines[:-1]]
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +130,25 @@ def test_a_prompt_over_the_context_gets_400_within_a_second(demo):
     assert status == 400 and body["error"]["code"] == "context_length_exceeded"
 
 
+def test_tokenizing_a_1_mib_prompt_does_not_stall_other_connections(demo):
+    words = ("the king speak now thou art " * 40000)[: (1 << 20) - 100]  # ~0.5 s of tokenizing, ~240k tokens
+    reply = {}
+    big = threading.Thread(target=lambda: reply.update(r=demo.post("/v1/chat/completions", {"messages": [{"role": "user", "content": words}]})))
+    start = time.perf_counter()
+    big.start()
+    latencies = []
+    while big.is_alive():
+        asked = time.perf_counter()
+        status, body = demo.get("/health")
+        latencies.append(time.perf_counter() - asked)
+        assert status == 200 and body["status"] == "ok"
+    big.join()
+    status, body = reply["r"]
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded", body
+    assert time.perf_counter() - start < 10
+    assert len(latencies) >= 3 and max(latencies) < 0.3, latencies
+
+
 def test_explicit_max_tokens_must_fit_and_the_default_shrinks_to_the_room_left(demo):
     prompt = list(range(3, 3 + 500))  # 500 token ids
     status, body = demo.post("/v1/completions", {"prompt": prompt, "max_tokens": 20})
@@ -103,8 +157,40 @@ def test_explicit_max_tokens_must_fit_and_the_default_shrinks_to_the_room_left(d
     assert status == 200, body
     usage = body["usage"]
     assert usage["prompt_tokens"] == 500 and usage["completion_tokens"] <= 12
-    if usage["completion_tokens"] == 12:  # ran to the end of the context, not to an end-of-sequence token
-        assert body["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.fixture(scope="module")
+def no_eos(tmp_path_factory, tiny_sp_model):
+    """A tiny model that can never end by itself: its final norm is zero, so every logit is 0 and greedy
+    decoding always picks token 0 (argmax takes the first of equals), never the end-of-sequence token 2."""
+    config = tiny_config(max_context_length=64)
+    weights = random_weights(config)
+    weights["transformer.norm.weight"] = mx.zeros_like(weights["transformer.norm.weight"])
+    model, tokenizer = load(str(write_model_dir(tmp_path_factory.mktemp("noeos") / "OpenELM-no-eos", config, weights, tiny_sp_model)))
+    engine = Engine(model, tokenizer, "no-eos")
+    served = Served(engine, Limits(context_length=engine.context_length))
+    yield served
+    served.stop()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_answer_reaching_the_end_of_the_context_stops_with_length(no_eos, stream):
+    prompt = list(range(3, 3 + 60))  # 4 tokens of room left in the 64-token context; no max_tokens
+    status, body = no_eos.post("/v1/completions", {"prompt": prompt, "temperature": 0, "stream": stream, "logprobs": 3})
+    assert status == 200, body
+    if stream:
+        assert [e["choices"][0]["finish_reason"] for e in body if e["choices"]] == [None] * 4 + ["length"]
+        tokens = [t for e in body if e["choices"] and e["choices"][0]["logprobs"] for t in e["choices"][0]["logprobs"]["tokens"]]
+    else:
+        choice = body["choices"][0]
+        assert choice["finish_reason"] == "length" and body["usage"]["completion_tokens"] == 4
+        tokens = choice["logprobs"]["tokens"]
+    assert len(tokens) == 4 and len(set(tokens)) == 1  # token 0 each time, never an end-of-sequence token
+
+
+def test_max_tokens_reached_mid_answer_stops_with_length(no_eos):
+    status, body = no_eos.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "the king"}], "max_tokens": 3, "temperature": 0})
+    assert status == 200 and body["choices"][0]["finish_reason"] == "length" and body["usage"]["completion_tokens"] == 3
 
 
 def test_max_prompt_tokens_is_a_budget_of_its_own(demo):
@@ -177,9 +263,29 @@ def test_sampling_at_the_edges_behaves_as_its_limit_and_stays_valid_json(demo):
     status, body = demo.post("/v1/completions", {**base, "temperature": 0, "repetition_penalty": 1e-300})
     assert status == 400 and "repetition_penalty" in body["error"]["message"]
     status, body = demo.post("/v1/completions", {**base, "temperature": 0, "repetition_penalty": 1e-3})
-    assert status == 200  # demo.post parsed it: strict JSON, no -Infinity
+    assert status == 200  # demo.post parsed it strictly: no NaN or -Infinity anywhere
     for logprob in body["choices"][0]["logprobs"]["token_logprobs"]:
         assert logprob > -1e5
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("edge", [{"repetition_penalty": 1e-3}, {"top_k": 1}, {"min_p": 0.99}, {"top_p": 5e-324}, {"temperature": 5e-324}])
+def test_logprobs_of_filtered_tokens_stay_finite_json(demo, edge, stream):
+    """Tokens that top_k, min_p or top_p rule out have -inf log-probabilities; the server writes finite numbers."""
+    chat = {"messages": [{"role": "user", "content": "the king"}], "logprobs": True, "top_logprobs": 20}
+    for path, body in (("/v1/completions", {"prompt": "the king", "logprobs": 20}), ("/v1/chat/completions", chat)):
+        status, reply = demo.post(path, {**body, **edge, "max_tokens": 4, "seed": 3, "stream": stream})  # parsed strictly
+        assert status == 200, reply
+        events = reply if stream else [reply]
+        entries = [e["choices"][0]["logprobs"] for e in events if e["choices"] and e["choices"][0]["logprobs"]]
+        assert entries
+        for entry in entries:
+            numbers = (
+                [t["logprob"] for t in entry["content"]] + [a["logprob"] for t in entry["content"] for a in t["top_logprobs"]]
+                if "content" in entry
+                else entry["token_logprobs"] + [lp for top in entry["top_logprobs"] for lp in top.values()]
+            )
+            assert numbers and all(-1e6 < x <= 0 for x in numbers), numbers
 
 
 def _big_context_engine(tmp_path_factory, tokenizer_model, prefill_step_size):
@@ -190,9 +296,12 @@ def _big_context_engine(tmp_path_factory, tokenizer_model, prefill_step_size):
     return Engine(model, tokenizer, "long", prefill_step_size=prefill_step_size)
 
 
+STEP = 128  # prefill chunk: small, so that "within one chunk" is a tight bound
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_client_leaving_during_prefill_frees_the_worker_at_the_next_chunk(tmp_path_factory, tiny_sp_model, stream):
-    engine = _big_context_engine(tmp_path_factory, tiny_sp_model, prefill_step_size=256)
+    engine = _big_context_engine(tmp_path_factory, tiny_sp_model, prefill_step_size=STEP)
     served = Served(engine, Limits(context_length=engine.context_length))
     try:
         prompt = [3 + (i * 7) % 300 for i in range(12_000)]  # about 18 s of prefill on 2 busy cores
@@ -202,16 +311,18 @@ def test_a_client_leaving_during_prefill_frees_the_worker_at_the_next_chunk(tmp_
             b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(data) + data
         )
         deadline = time.time() + 30
-        while engine.jobs.qsize() or not engine.prompt_cache.cache[0].offset:  # the worker has begun the prefill
+        while engine.prompt_cache.cache[0].offset < 4 * STEP:  # the worker is some chunks into the prefill
             assert time.time() < deadline
             time.sleep(0.02)
         s.close()
+        at_disconnect = engine.prompt_cache.cache[0].offset
         status, body = served.post("/v1/completions", {"prompt": "the", "max_tokens": 2}, timeout=60)
         assert status == 200 and body["usage"]["completion_tokens"] >= 1
         left = [j for j in engine.finished if j["prompt_tokens"] == len(prompt)]
         assert left and left[0]["cancelled"] and left[0]["generated_tokens"] == 0
         done = left[0]["cancelled_in_prefill_after"]
-        assert done is not None and done < len(prompt) - 1, left  # it stopped inside the prefill
+        # It stopped inside the prefill, at most one chunk after the one computing when the client left.
+        assert done is not None and at_disconnect <= done <= at_disconnect + STEP, (at_disconnect, done)
     finally:
         served.stop()
 
