@@ -3,6 +3,7 @@
 python -m bench --quick                       # tiny shapes, a couple of minutes on 2 CPU cores
 python -m bench --models openelm-1_1B olmo-1B --dtypes float32
 python -m bench --model path/to/mlx-model     # a real checkpoint instead of random weights
+python -m bench serve --help                  # the HTTP server under concurrent streams (bench/serve.py)
 """
 
 import os
@@ -17,6 +18,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 import elm_mlx
+from elm_mlx import cli
 from elm_mlx._blas import slow_blas_notice
 from elm_mlx.cli import ArgumentParser, check_output_path, int_at_least, positive_int, run_cli
 from elm_mlx.errors import ElmError
@@ -36,7 +38,10 @@ FAMILIES = {"openelm": "OpenELM", "olmo": "OLMo"}
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m bench", description="Throughput and memory of OpenELM and OLMo on MLX.")
+    p = ArgumentParser(
+        prog="python -m bench",
+        description="Throughput and memory of OpenELM and OLMo on MLX. `bench serve` measures the HTTP server under concurrent streams (see `bench serve --help`).",
+    )
     p.add_argument(
         "--models",
         nargs="+",
@@ -138,6 +143,13 @@ def check_fits_context(name: str, config: dict, tokens: int) -> None:
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:
+        from . import serve
+
+        if cli.invoked_as is not None:
+            cli.invoked_as += " serve"
+        return serve.main(argv[1:])
     args = build_parser().parse_args(argv)
     quick = args.quick
     # Ranges are checked by the parser; None (not 0) means "the default".
