@@ -199,7 +199,7 @@ def make_app(engine: Engine, max_tokens_limit: int = 4096, limits: Optional[Limi
         )
 
     async def health(request: Request):
-        return JSONResponse({"status": "ok", "model": engine.name, "queued": engine.jobs.qsize()})
+        return JSONResponse({"status": "ok", "model": engine.name, **engine.status()})
 
     async def on_request_error(request: Request, exc: RequestError):
         return error_response(str(exc), exc.status, exc.kind, exc.param, exc.code)

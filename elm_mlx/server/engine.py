@@ -48,6 +48,7 @@ class Engine:
         self.jobs: "queue.Queue[Job]" = queue.Queue()
         self.created = int(time.time())
         self.finished: "collections.deque[dict]" = collections.deque(maxlen=64)  # recent jobs, for /health and tests
+        self.busy = False  # a job is being generated
         self._thread = threading.Thread(target=self._serve, name="elm-mlx-generation", daemon=True)
         self._thread.start()
 
@@ -56,10 +57,12 @@ class Engine:
             job = self.jobs.get()
             try:
                 if not job.cancelled.is_set():
+                    self.busy = True
                     self._run(job)
             except Exception as e:  # a bug must not kill the worker: report it to this client only
                 job.emit(e)
             finally:
+                self.busy = False
                 job.emit(None)
 
     def _run(self, job: Job) -> None:
@@ -99,6 +102,10 @@ class Engine:
                     "cancelled_in_prefill_after": prefilled,  # prompt tokens computed before it stopped
                 }
             )
+
+    def status(self) -> dict:
+        """What /health reports: the request being generated (0 or 1) and those waiting."""
+        return {"active": int(self.busy), "queued": self.jobs.qsize(), "max_batch": 1}
 
     async def run(self, job: Job):
         """Queue the job; yield its responses as the worker produces them (an exception re-raises)."""

@@ -1,0 +1,179 @@
+"""The server with continuous batching: concurrent requests decode together and each gets exactly what it gets alone."""
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+uvicorn = pytest.importorskip("uvicorn")
+
+from elm_mlx.demo import DEMO_DIR  # noqa: E402
+from elm_mlx.load import load  # noqa: E402
+from elm_mlx.server import BatchedEngine, Engine, make_app  # noqa: E402
+
+PROMPTS = [
+    "ROMEO:",
+    "JULIET:\nO Romeo, Romeo!",
+    "First Citizen:\nBefore we proceed any further, hear me speak.",
+    "KING RICHARD III:\nNow is the winter",
+    "HAMLET:",
+    "MENENIUS:\nWhat work's, my countrymen, in hand? where go you\nWith bats and clubs?",
+    "Second Servingman:",
+    "DUKE VINCENTIO:\nOf government the properties to unfold,\nWould seem in me to affect speech and discourse;",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load(str(DEMO_DIR), dtype="float32", verbose=False)
+
+
+def serve(engine):
+    """The app on a real socket in a thread; returns (base url, stop)."""
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(make_app(engine, max_tokens_limit=512), host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.02)
+
+    def stop():
+        srv.should_exit = True
+        thread.join(10)
+
+    return f"http://127.0.0.1:{port}", stop
+
+
+@pytest.fixture(scope="module")
+def servers(demo):
+    model, tokenizer = demo
+    serial_url, stop_serial = serve(Engine(model, tokenizer, "demo"))
+    batched_engine = BatchedEngine(model, tokenizer, "demo", max_batch=8, prefill_step_size=64)
+    batched_url, stop_batched = serve(batched_engine)
+    yield serial_url, batched_url, batched_engine
+    stop_serial()
+    stop_batched()
+
+
+def complete(url, prompt, stream=False, **fields):
+    """POST /v1/completions (stdlib only); the text, the finish reason, and the usage when not streamed."""
+    body = json.dumps({"prompt": prompt, "max_tokens": 40, "temperature": 0, **fields, "stream": stream}).encode()
+    request = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as reply:
+        assert reply.status == 200
+        if not stream:
+            answer = json.loads(reply.read())
+            return answer["choices"][0]["text"], answer["choices"][0]["finish_reason"], answer["usage"]
+        text, finish = "", None
+        for raw in reply:
+            line = raw.decode().strip()
+            if line.startswith("data: ") and line != "data: [DONE]":
+                choice = json.loads(line[6:])["choices"][0]
+                text += choice["text"]
+                finish = choice["finish_reason"] or finish
+        return text, finish, None
+
+
+def health(url) -> dict:
+    with urllib.request.urlopen(url + "/health", timeout=10) as reply:
+        return json.loads(reply.read())
+
+
+def test_eight_concurrent_requests_get_what_each_gets_alone(servers):
+    serial, batched, engine = servers
+    alone = [complete(serial, p, max_tokens=20 + 5 * i) for i, p in enumerate(PROMPTS)]
+    most, done = [0], threading.Event()
+
+    def watch():  # how many requests the batch held at once: this test must really batch
+        while not done.is_set():
+            most[0] = max(most[0], engine.batch.active)
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda ip: complete(batched, ip[1], stream=ip[0] % 2 == 1, max_tokens=20 + 5 * ip[0]), enumerate(PROMPTS)))
+    done.set()
+    watcher.join()
+    assert most[0] >= 4, most
+    for (text, finish, _), (got, got_finish, _) in zip(alone, together):
+        assert got == text and got_finish == finish
+    assert len({t for t, _, _ in alone}) == len(PROMPTS)  # recognisably different answers, so a mix-up would show
+    assert engine.batch.active == 0 and engine.batch.kv_bytes() == 0  # every slot and its memory released
+
+
+def test_a_seeded_sampled_request_is_the_same_alone_and_among_others(servers):
+    serial, batched, _ = servers
+    seeded = dict(temperature=0.9, seed=1234, max_tokens=30)
+    alone = complete(batched, PROMPTS[0], **seeded)
+    with ThreadPoolExecutor(8) as pool:
+        others = [pool.submit(complete, batched, p, temperature=0.9, max_tokens=30) for p in PROMPTS[1:]]
+        among = pool.submit(complete, batched, PROMPTS[0], **seeded).result()
+        [f.result() for f in others]
+    assert among[0] == alone[0]
+    assert complete(serial, PROMPTS[0], **seeded)[0] == alone[0]  # the serial worker draws the same keys
+    assert complete(batched, PROMPTS[0], **{**seeded, "seed": 4321})[0] != alone[0]  # the seed matters
+
+
+def test_a_client_that_leaves_frees_its_slot_for_the_next_request(demo):
+    model, tokenizer = demo
+    engine = BatchedEngine(model, tokenizer, "demo", max_batch=1, prefill_step_size=64)
+    url, stop = serve(engine)
+    try:
+        body = json.dumps({"prompt": "ROMEO:", "max_tokens": 400, "temperature": 0, "stream": True}).encode()
+        s = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+        s.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+        )
+        received = b""
+        while received.count(b"data: ") < 3:  # tokens are streaming: the one slot is taken
+            received += s.recv(4096)
+        s.close()
+        started = time.time()
+        text, finish, _ = complete(url, "JULIET:", max_tokens=5)  # waits for the slot the leaver held
+        assert finish in ("stop", "length") and time.time() - started < 30
+        left = [f for f in engine.finished if f["cancelled"]]
+        assert len(left) == 1 and left[0]["generated_tokens"] < 400, list(engine.finished)
+    finally:
+        stop()
+
+
+def test_health_reports_active_and_queued_requests(demo):
+    model, tokenizer = demo
+    engine = BatchedEngine(model, tokenizer, "demo", max_batch=2, prefill_step_size=64)
+    url, stop = serve(engine)
+    try:
+        with ThreadPoolExecutor(5) as pool:
+            running = [pool.submit(complete, url, p, max_tokens=200) for p in PROMPTS[:5]]
+            seen = {"active": 0, "queued": 0}
+            while not all(f.done() for f in running):
+                status = health(url)
+                seen = {k: max(seen[k], status[k]) for k in seen}
+                time.sleep(0.02)
+        assert seen["active"] == 2 and seen["queued"] >= 1, seen
+        final = health(url)
+        assert final["active"] == 0 and final["queued"] == 0 and final["kv_bytes"] == 0
+    finally:
+        stop()
+
+
+@pytest.mark.parametrize(
+    "value, message", [("0", "must be in [1, 256], got 0"), ("x", "expected an integer"), ("1e9", "expected an integer")]
+)
+def test_bad_max_batch_is_one_line_at_start_up(value, message):
+    result = subprocess.run([sys.executable, "-m", "elm_mlx.server", "--max-batch", value], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
