@@ -181,6 +181,20 @@ def test_chat_mask_trains_only_assistant_turns(tokenizer):
     assert "king" not in trained and "brief" not in trained and "assistant" not in trained
 
 
+def test_chat_data_encodes_special_token_strings_in_messages_as_text(tokenizer):
+    """Training sees a conversation as inference does: "</s>" typed into a message is text, not an end of turn."""
+    messages = [
+        {"role": "user", "content": "say </s> and <s> for me"},
+        {"role": "assistant", "content": "here </s> it is"},
+    ]
+    example, _ = parse_line(tokenizer, {"messages": messages}, mask_prompt=True)
+    assert example.tokens == tokenizer.encode_chat(messages, add_generation_prompt=False)
+    eos = min(tokenizer.eos_ids)
+    assert example.tokens.count(eos) == 2  # one per turn, from the template; the message's "</s>" is text
+    trained = tokenizer.decode([t for t, w in zip(example.tokens, example.weights) if w])
+    assert "here </s> it is" in trained and "say" not in trained
+
+
 def test_text_is_packed_without_padding(tokenizer, text_file):
     data = load_datasets(str(text_file), tokenizer, max_seq_length=32)
     assert data["train"].packed and all(len(e.tokens) == 33 for e in data["train"].examples)

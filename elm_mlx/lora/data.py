@@ -50,12 +50,17 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def _encode(tokenizer: Tokenizer, text: str) -> List[int]:
-    """Token ids of `text`, refusing strings that are not Unicode text (JSON allows lone surrogate escapes)."""
+def _encode_check(text: str) -> None:
+    """Refuse strings that are not Unicode text (JSON allows lone surrogate escapes)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         raise ElmError(f"the text holds {text[e.start]!r}, a lone surrogate that is not valid Unicode (an escape like \\ud800?)") from None
+
+
+def _encode(tokenizer: Tokenizer, text: str) -> List[int]:
+    """Token ids of `text`, as generation without chat formatting encodes it."""
+    _encode_check(text)
     return tokenizer.encode(text)
 
 
@@ -86,23 +91,36 @@ def _segments_example(tokenizer: Tokenizer, segments: List[Tuple[str, bool]], ad
     return Example(tokens, weights)
 
 
-def _chat_segments(tokenizer: Tokenizer, messages: list, mask_prompt: bool) -> List[Tuple[str, bool]]:
-    """The rendered conversation split into (text, trained) pieces, one per turn."""
-    segments, done = [], ""
-    for i, message in enumerate(messages):
-        is_assistant = isinstance(message, dict) and message.get("role") == "assistant"
-        if is_assistant and i > 0:  # the assistant tag itself is prompt, not answer
-            tagged = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
-            if not tagged.startswith(done):
-                raise ElmError("the chat template does not render conversations turn by turn; use --no-mask-prompt")
-            segments.append((tagged[len(done) :], not mask_prompt))
-            done = tagged
-        rendered = tokenizer.apply_chat_template(messages[: i + 1], add_generation_prompt=False)
+def _chat_example(tokenizer: Tokenizer, messages: list, mask_prompt: bool) -> Example:
+    """A conversation encoded as inference encodes it (encode_chat: special tokens only from the template, so a
+    "</s>" inside a message stays text), each token weighted by the turn it starts in.
+
+    Turn boundaries are the longest run of ids each conversation prefix shares
+    with the whole; the template must render conversations turn by turn.
+    """
+    for m in messages:
+        _encode_check(m["content"])
+    tokens = tokenizer.encode_chat(messages, add_generation_prompt=False)
+    weights = [0] * len(tokens)
+    start, done = 0, ""
+
+    def turn(prefix: list, generation_prompt: bool, trained: bool, last: bool = False) -> None:
+        nonlocal start, done
+        rendered = tokenizer.apply_chat_template(prefix, add_generation_prompt=generation_prompt)
         if not rendered.startswith(done):
-            raise ElmError("the chat template does not render conversations turn by turn; use --no-mask-prompt")
-        segments.append((rendered[len(done) :], is_assistant or not mask_prompt))
+            raise ElmError("the chat template does not render conversations turn by turn; train without --mask-prompt")
         done = rendered
-    return segments
+        end = len(tokens) if last else _common_prefix(tokenizer.encode_chat(prefix, add_generation_prompt=generation_prompt), tokens)
+        if trained:
+            weights[start:end] = [1] * (end - start)
+        start = max(start, end)
+
+    for i, message in enumerate(messages):
+        is_assistant = message["role"] == "assistant"
+        if is_assistant and i > 0:  # the assistant tag itself is prompt, not answer
+            turn(messages[:i], True, not mask_prompt)
+        turn(messages[: i + 1], False, is_assistant or not mask_prompt, last=i == len(messages) - 1)
+    return Example(tokens, weights)
 
 
 def parse_line(tokenizer: Tokenizer, record, mask_prompt: bool) -> Tuple[Example, bool]:
@@ -118,7 +136,7 @@ def parse_line(tokenizer: Tokenizer, record, mask_prompt: bool) -> Tuple[Example
                 raise ElmError("each message must be an object with string 'role' and 'content'")
         if mask_prompt and not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
             raise ElmError("no assistant message to train on (--mask-prompt trains only on assistant turns)")
-        return _segments_example(tokenizer, _chat_segments(tokenizer, messages, mask_prompt), add_eos=False), False
+        return _chat_example(tokenizer, messages, mask_prompt), False
     if "prompt" in record or "completion" in record:
         prompt, completion = record.get("prompt"), record.get("completion")
         if not isinstance(prompt, str) or not isinstance(completion, str):
