@@ -21,7 +21,6 @@ import os
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from elm_mlx.files import atomic_directory
 REPO = Path(__file__).resolve().parents[1]
 LLAMA_TOKENIZER = REPO.parent / "shared" / "assets" / "llama2-tokenizer.model"
 HOST = "127.0.0.1"
+PROMPT_ROOM = 64  # tokens kept for a prompt (they are 20 to 40 long)
 
 SPEAKERS = ["ROMEO", "JULIET", "HAMLET", "KING LEAR", "MACBETH", "OTHELLO", "PORTIA", "PROSPERO", "VIOLA", "BRUTUS", "FALSTAFF"]
 LINES = [
@@ -62,15 +62,15 @@ def build_parser() -> ArgumentParser:
         prog="python -m bench serve", description="Serving throughput under concurrent streams: ours batched, ours serial, mlx_lm.server."
     )
     which = p.add_mutually_exclusive_group()
-    which.add_argument(
-        "--model", metavar="DIR", help="model directory or hub id to serve (default: the bundled demo model, converted)"
-    )
+    which.add_argument("--model", metavar="DIR", help="model directory or hub id to serve (default: the bundled demo model, converted)")
     which.add_argument(
         "--shape",
         metavar="NAME",
         help="serve random weights of a bench shape instead, e.g. openelm-270M, written to a temporary directory (default: none)",
     )
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="weight dtype for --shape (default: %(default)s)")
+    p.add_argument(
+        "--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="weight dtype for --shape (default: %(default)s)"
+    )
     p.add_argument(
         "--tokenizer",
         type=Path,
@@ -85,8 +85,11 @@ def build_parser() -> ArgumentParser:
         metavar="N",
         help="numbers of simultaneous streams, each a separate measurement (default: 1 4 8 16; --quick: 1 2)",
     )
+    p.add_argument("--max-tokens", type=int_at_least(2, 4096), help="tokens each request asks for, greedy (default: 128; --quick: 16)")
     p.add_argument(
-        "--max-tokens", type=int_at_least(2, 4096), help="tokens each request asks for, greedy (default: 128; --quick: 16)"
+        "--trials",
+        type=int_at_least(1, 100),
+        help="runs of each concurrency per server; the run with the median aggregate tok/s is reported (default: 1)",
     )
     p.add_argument("--max-batch", type=int_at_least(2, 256), default=8, help="--max-batch of our batched server (default: %(default)s)")
     p.add_argument("--no-peer", action="store_true", help="skip mlx_lm.server (default: run it when mlx-lm is installed)")
@@ -109,9 +112,7 @@ def build_parser() -> ArgumentParser:
         help="seconds one streaming request may take before it counts as failed (default: %(default)s)",
     )
     p.add_argument("--quick", action="store_true", help="16 tokens, 1 and 2 streams, our two servers only: a smoke test")
-    p.add_argument(
-        "--out", type=Path, help="output directory (default: bench-results/serve-<time>); refused if it exists unless --force"
-    )
+    p.add_argument("--out", type=Path, help="output directory (default: bench-results/serve-<time>); refused if it exists unless --force")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     return p
 
@@ -372,7 +373,7 @@ def stream_request(port: int, prompt: str, max_tokens: int, timeout: float, star
 class HealthSampler(threading.Thread):
     """GET /health every `interval` seconds until stopped; keeps the JSON bodies."""
 
-    def __init__(self, port: int, interval: float = 0.25):
+    def __init__(self, port: int, interval: float = 0.1):
         super().__init__(daemon=True)
         self.port, self.interval, self.samples = port, interval, []
         self.stopping = threading.Event()
@@ -397,7 +398,8 @@ def run_streams(port: int, prompts: List[str], max_tokens: int, timeout: float) 
     start = threading.Barrier(len(prompts) + 1)
     records = [{} for _ in prompts]
     threads = [
-        threading.Thread(target=stream_request, args=(port, p, max_tokens, timeout, start, r), daemon=True) for p, r in zip(prompts, records)
+        threading.Thread(target=stream_request, args=(port, p, max_tokens, timeout, start, r), daemon=True)
+        for p, r in zip(prompts, records)
     ]
     for t in threads:
         t.start()
@@ -480,10 +482,24 @@ def health_summary(samples: List[dict]) -> dict:
 def server_plan(args, directory: Path, ports: List[int], logs: Path) -> List[Server]:
     ours = [sys.executable, "-m", "elm_mlx.server", "--model", str(directory), "--no-verbose"]
     plan = [
-        Server("batched", f"elm-mlx --max-batch {args.max_batch}", [*ours, "--port", str(ports[0]), "--max-batch", str(args.max_batch)], ports[0], logs / "elm-mlx-batched.log")
+        Server(
+            "batched",
+            f"elm-mlx --max-batch {args.max_batch}",
+            [*ours, "--port", str(ports[0]), "--max-batch", str(args.max_batch)],
+            ports[0],
+            logs / "elm-mlx-batched.log",
+        )
     ]
     if not args.no_serial:
-        plan.append(Server("serial", "elm-mlx --max-batch 1", [*ours, "--port", str(ports[1]), "--max-batch", "1"], ports[1], logs / "elm-mlx-serial.log"))
+        plan.append(
+            Server(
+                "serial",
+                "elm-mlx --max-batch 1",
+                [*ours, "--port", str(ports[1]), "--max-batch", "1"],
+                ports[1],
+                logs / "elm-mlx-serial.log",
+            )
+        )
     if not args.no_peer:
         plan.append(
             Server(
@@ -522,7 +538,19 @@ def _fmt(value, spec: str = ".1f", scale: float = 1.0) -> str:
 
 
 def table(rows: List[dict], labels: dict, markdown: bool = False) -> str:
-    header = ["server", "streams", "tokens", "wall s", "aggregate tok/s", "TTFT median s", "TTFT p90 s", "per-stream tok/s", "KV MB/stream", "padding", "errors"]
+    header = [
+        "server",
+        "streams",
+        "tokens",
+        "wall s",
+        "aggregate tok/s",
+        "TTFT median s",
+        "TTFT p90 s",
+        "per-stream tok/s",
+        "KV MB/stream",
+        "padding",
+        "errors",
+    ]
     lines = []
     for row in rows:
         health = row.get("health") or {}
@@ -553,7 +581,9 @@ def ratio_table(entries: List[dict], markdown: bool = False) -> str:
 
 def _render(header: List[str], lines: List[List[str]], markdown: bool) -> str:
     if markdown:
-        return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *["| " + " | ".join(line) + " |" for line in lines]])
+        return "\n".join(
+            ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *["| " + " | ".join(line) + " |" for line in lines]]
+        )
     widths = [max(len(cell) for cell in column) for column in zip(header, *lines)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*header), fmt.format(*["-" * w for w in widths]), *(fmt.format(*line) for line in lines)])
@@ -572,6 +602,7 @@ def plot(path: Path, rows: List[dict], labels: dict, title: str) -> None:
             continue
         xs = [n for n, _ in points]
         axes[0].plot(xs, [r["aggregate_tps"] for _, r in points], marker=marker, label=labels[server])
+        axes[0].set_ylim(bottom=0)
         axes[1].plot(xs, [r["ttft_median_s"] for _, r in points], marker=marker, label=labels[server])
     for ax, what in zip(axes, ["aggregate tokens / s", "median time to first token (s)"]):
         ax.set_xlabel("concurrent streams")
@@ -605,6 +636,7 @@ def main(argv=None) -> None:
     max_tokens = args.max_tokens if args.max_tokens is not None else (16 if quick else 128)
     if quick:
         args.no_peer = True
+    trials = args.trials or 1
     if args.tokenizer is not None and args.shape is None:
         raise ElmError("--tokenizer is for --shape (a model directory brings its own tokenizer)")
     if args.shape is not None:
@@ -637,6 +669,12 @@ def main(argv=None) -> None:
     try:
         with atomic_directory(out, args.force) as staging:
             directory, name, model_info = resolve_model(args, workdir, log)
+            context = model_info.get("max_context_length")
+            if isinstance(context, int) and max_tokens + PROMPT_ROOM > context:
+                raise ElmError(
+                    f"--max-tokens {max_tokens} leaves no room for the prompts in {name}'s context of {context} tokens "
+                    f"(at most {context - PROMPT_ROOM})"
+                )
             from .__main__ import machine_info
 
             machine = machine_info({"gb_s": None, "note": "not measured by bench serve"})
@@ -674,8 +712,13 @@ def main(argv=None) -> None:
                 log(f"{server.label} ready in {time.perf_counter() - started:.1f} s (warm-up included)")
                 for n in concurrency:
                     load_before = _load()
-                    records, samples = run_streams(server.port, [prompts.next() for _ in range(n)], max_tokens, args.request_timeout)
-                    row = {"server": server.key, "label": server.label, "concurrency": n, **summarize(records, samples)}
+                    runs = []
+                    for _ in range(trials):
+                        records, samples = run_streams(server.port, [prompts.next() for _ in range(n)], max_tokens, args.request_timeout)
+                        runs.append(summarize(records, samples))
+                    runs.sort(key=lambda r: r.get("aggregate_tps") or 0)
+                    row = {"server": server.key, "label": server.label, "concurrency": n, **runs[(len(runs) - 1) // 2]}
+                    row["aggregate_tps_trials"] = [r.get("aggregate_tps") for r in runs]
                     row["load_before"], row["load_after"] = load_before, _load()
                     rows.append(row)
                     health = row.get("health") or {}
@@ -684,16 +727,26 @@ def main(argv=None) -> None:
                         f"{server.label}, {n} stream{'s' * (n > 1)}: {row.get('tokens', 0)} tokens in {_fmt(row.get('wall_s'))} s, "
                         f"{_fmt(row.get('aggregate_tps'))} tok/s aggregate, TTFT median {_fmt(row.get('ttft_median_s'), '.3f')} s, "
                         f"per stream {_fmt(row.get('per_stream_tps_median'))} tok/s"
-                        + (f", KV {kv / 1e6:.2f} MB/stream, padding {_fmt(health.get('padding_fraction_median'), '.2f')}" if kv is not None else "")
+                        + (
+                            f", KV {kv / 1e6:.2f} MB/stream, padding {_fmt(health.get('padding_fraction_median'), '.2f')}"
+                            if kv is not None
+                            else ""
+                        )
                         + (f", {row['error_count']} failed: {row['errors'][0]}" if row["error_count"] else "")
+                        + (f", trials {' '.join(_fmt(r) for r in row['aggregate_tps_trials'])} tok/s" if trials > 1 else "")
                         + f" (load {load_before[0] if load_before else '?'})"
                     )
+                    if row["error_count"] and server.key != "mlx-lm":
+                        raise ElmError(
+                            f"{server.label}: {row['error_count']} of {row['requests']} requests at {n} streams failed: {row['errors'][0]}"
+                        )
                 server.stop()
             entries = ratios(rows, concurrency)
             settings = {
                 "concurrency": concurrency,
                 "max_tokens": max_tokens,
                 "max_batch": args.max_batch,
+                "trials": trials,
                 "quick": quick,
                 "temperature": 0,
                 "request": "streaming /v1/completions, distinct prompts, stream_options.include_usage",
@@ -702,7 +755,7 @@ def main(argv=None) -> None:
                 "machine": machine,
                 "model": {"name": name, **model_info},
                 "settings": settings,
-                "servers": {k: v for k, v in labels.items()},
+                "servers": {s.key: {"label": s.label, "port": s.port, "command": s.command} for s in servers if s.key in labels},
                 "skipped": skipped,
                 "rows": rows,
                 "ratios": entries,
