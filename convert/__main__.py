@@ -8,9 +8,9 @@ python -m convert --corenet-path checkpoint.pt --corenet-model OpenELM-450M --ml
 from pathlib import Path
 
 import elm_mlx  # noqa: F401  (selects the BLAS before mlx loads)
-from elm_mlx.cli import ArgumentParser, run_cli
-from elm_mlx.errors import ElmError
+from elm_mlx.cli import ArgumentParser, float_in, run_cli
 from elm_mlx.dtypes import DTYPES
+from elm_mlx.errors import ElmError
 from elm_mlx.models.openelm import CORENET_SIZES
 from elm_mlx.quantize import BITS, GROUP_SIZES, RECIPES
 
@@ -58,7 +58,10 @@ def build_parser() -> ArgumentParser:
         "and early FFN down-projections, 4 elsewhere)",
     )
     p.add_argument(
-        "--max-shard-size-gb", type=float, default=5.0, help="split model.safetensors above this many GiB (default: %(default)s)"
+        "--max-shard-size-gb",
+        type=float_in(0.001, 1024),
+        default=5.0,
+        help="split model.safetensors above this many GiB (default: %(default)s)",
     )
     p.add_argument("--force", action="store_true", help="replace --mlx-path if it exists")
     return p
@@ -70,8 +73,6 @@ def main(argv=None) -> None:
         raise ElmError("--corenet-path needs --corenet-model (e.g. OpenELM-270M) or --corenet-config")
     if args.hf_path and (args.corenet_model or args.corenet_config):
         raise ElmError("--corenet-model/--corenet-config go with --corenet-path, not --hf-path")
-    if args.max_shard_size_gb <= 0:
-        raise ElmError("--max-shard-size-gb must be positive")
     summary = convert_checkpoint(
         args.hf_path or args.corenet_path,
         args.mlx_path,

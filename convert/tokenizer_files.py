@@ -64,7 +64,7 @@ def _tokenizer_kind(path: Path, option: str) -> str:
             return name
         except ElmError:
             pass
-    raise ElmError(f"--tokenizer {option}: not a SentencePiece model nor a tokenizer.json (a JSON object with a \"model\")")
+    raise ElmError(f'--tokenizer {option}: not a SentencePiece model nor a tokenizer.json (a JSON object with a "model")')
 
 
 def _tokenizer_files_in(directory: Path) -> Dict[str, Path]:
@@ -96,7 +96,7 @@ def check_tokenizer_file(name: str, file: Path) -> None:
     elif name.endswith(".json"):
         value = read_json_object(file, MAX_TOKENIZER_BYTES, "tokenizer file")
         if name == "tokenizer.json" and not isinstance(value.get("model"), dict):
-            raise ElmError(f"tokenizer {file} is not a tokenizer.json: it has no \"model\" object")
+            raise ElmError(f'tokenizer {file} is not a tokenizer.json: it has no "model" object')
     else:
         try:
             read_small_file(file, MAX_TOKENIZER_BYTES, "tokenizer file").decode("utf-8")
@@ -105,17 +105,20 @@ def check_tokenizer_file(name: str, file: Path) -> None:
 
 
 def _download_tokenizer(repo_id: str) -> Path:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    """tokenizer.model from a Hub repo, through elm_mlx.hub (one quick request decides whether the Hub answers)."""
+    from elm_mlx.hub import snapshot
 
     try:
-        path = Path(hf_hub_download(repo_id, "tokenizer.model"))
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
-        reason = "the Hub cannot be reached" if isinstance(e, LocalEntryNotFoundError) else type(e).__name__
+        path = snapshot(repo_id, ["tokenizer.model"]) / "tokenizer.model"
+    except ElmError as e:
         raise ElmError(
-            f"no tokenizer: the source has none and {repo_id}/tokenizer.model could not be fetched ({reason}); "
+            f"no tokenizer: the source has none and {repo_id}/tokenizer.model could not be fetched ({e}); "
             "pass --tokenizer /path/to/tokenizer.model (Meta's Llama-2 tokenizer)"
         ) from None
+    if not path.is_file():
+        raise ElmError(
+            f"no tokenizer: {repo_id} has no tokenizer.model; pass --tokenizer /path/to/tokenizer.model (Meta's Llama-2 tokenizer)"
+        )
     if repo_id == default_tokenizer_repo() and _sha256(path) != LLAMA2_TOKENIZER_SHA256:
         print(f"warning: {repo_id}/tokenizer.model is not the Llama-2 tokenizer OpenELM was trained with", file=sys.stderr)
     return path

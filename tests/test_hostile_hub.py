@@ -124,3 +124,24 @@ def test_an_unreachable_hub_uses_the_cached_copy(tmp_path, tiny_model_dir):
     outcome, seconds = run("generate", "some-org/tiny", tmp_path, f"http://127.0.0.1:{closed_port()}")
     assert outcome.returncode == 0 and outcome.stdout.strip(), outcome.stderr[-2000:]
     assert "Hugging Face Hub" not in outcome.stderr and "Traceback" not in outcome.stderr and seconds < 30
+
+
+def test_a_source_without_a_tokenizer_and_no_hub_says_what_to_pass(tmp_path):
+    """The converter fetches the Llama-2 tokenizer a source lacks; with the Hub out of reach, one line naming --tokenizer."""
+    from elm_mlx.demo import DEMO_DIR
+
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copyfile(DEMO_DIR / name, source / name)
+    home = tmp_path / "hf_home"
+    home.mkdir()
+    env = {"HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}", "HF_HOME": str(home), "HF_HUB_OFFLINE": "0"}
+    argv = [sys.executable, "-m", "elm_mlx", "convert", "--hf-path", str(source), "--mlx-path", str(tmp_path / "out")]
+    start = time.perf_counter()
+    outcome = run_limited(argv, timeout=60, stdin="", env=env)
+    line = outcome.one_line_error()
+    assert outcome.returncode == 1 and time.perf_counter() - start < 15, (outcome.returncode, line)
+    assert line.startswith("error: no tokenizer: the source has none and ") and "cannot reach the Hugging Face Hub" in line
+    assert line.endswith("pass --tokenizer /path/to/tokenizer.model (Meta's Llama-2 tokenizer)")
+    assert not (tmp_path / "out").exists()
