@@ -18,16 +18,18 @@ from typing import List, Optional, Tuple
 
 import mlx.core as mx
 
-from .cache import PromptCache
+from .cache import KVOptions, PromptCache
 from .cli import ArgumentParser, describe_os_error, one_line, run_cli
 from .errors import ElmError
 from .files import write_text_atomically
 from .generation import GenerationResponse, context_length, format_stats, stream_generate
 from .options import (
     add_generation_options,
+    add_kv_options,
     add_model_options,
     add_sampling_options,
     add_verbose_option,
+    kv_from_args,
     load_from_args,
     notice,
     sampling_from_args,
@@ -50,9 +52,9 @@ class ChatSession:
     stays); a message that cannot fit even alone is refused.
     """
 
-    def __init__(self, model, tokenizer: Tokenizer, system: Optional[str] = None, notice=None):
+    def __init__(self, model, tokenizer: Tokenizer, system: Optional[str] = None, notice=None, kv: Optional[KVOptions] = None):
         self.model, self.tokenizer = model, tokenizer
-        self.prompt_cache = PromptCache(model)
+        self.prompt_cache = PromptCache(model, kv)  # a rotating window that dropped tokens recomputes an edited history
         self.context_length = context_length(model)
         self.system = system
         self.notice = notice or (lambda text: None)  # told when turns are dropped
@@ -251,6 +253,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--system", "--system-prompt", help="system prompt (default: none)")
     add_generation_options(p, "most tokens per answer, within the context (default: %(default)s)", max_tokens_default=512, stop=False)
     add_sampling_options(p, repetition_penalty=1.2)
+    add_kv_options(p)
     p.add_argument(
         "--stats", action="store_true", help="print prompt/cache/speed figures after every answer (/stats shows them on request)"
     )
@@ -261,10 +264,11 @@ def build_parser() -> ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     sampling = sampling_from_args(args)
+    kv = kv_from_args(args)
     model_name, model, tokenizer = load_from_args(args, verbose=args.verbose)
     if args.seed is not None:
         mx.random.seed(args.seed)
-    session = ChatSession(model, tokenizer, args.system, notice=notice)
+    session = ChatSession(model, tokenizer, args.system, notice=notice, kv=kv)  # refuses a group size the heads do not split into
     repl(session, args.max_tokens, sampling, args.stats, model_name=_display_name(model_name))
 
 

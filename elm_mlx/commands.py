@@ -14,6 +14,7 @@ from . import cli
 COMMANDS = {
     "generate": ("elm_mlx.generate", "generate text from a prompt"),
     "chat": ("elm_mlx.chat", "chat in the terminal, multi-turn"),
+    "cache-prompt": ("elm_mlx.cache_prompt", "save a prompt's keys and values for generate --prompt-cache-file"),
     "serve": ("elm_mlx.server", "serve an OpenAI-compatible HTTP API"),
     "convert": ("convert.__main__", "convert a PyTorch OpenELM checkpoint to an MLX model directory"),
     "lora": ("elm_mlx.lora.cli", "fine-tune: LoRA, DoRA, QLoRA or all weights"),

@@ -8,7 +8,7 @@ from typing import Callable, Generator, Iterable, Iterator, List, Optional, Sequ
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import PromptCache, make_cache
+from .cache import KVOptions, PromptCache, attention_mask, make_cache
 from .errors import ElmError
 from .sample import LogitsProcessor, Sampler, SamplingParams, key_stream, make_logits_processors, make_sampler
 from .tokenizer import Tokenizer
@@ -65,10 +65,10 @@ def prefill_chunk(model: nn.Module, tokens: mx.array, cache: list, start: int, e
 
     The single-stream and the batched paths both prefill with this, chunk by
     chunk from the prompt's start, so a prompt's cache is computed the same way
-    in both.
+    in both. A rotating window's cache supplies its own mask (see cache.attention_mask).
     """
     n = min(step_size, end - start)
-    model(tokens[start : start + n][None], cache=cache)
+    model(tokens[start : start + n][None], cache=cache, mask=attention_mask(cache, n))
     mx.eval([c.state for c in cache])
     return start + n
 
@@ -234,6 +234,7 @@ def stream_generate(
     prefill_step_size: int = 512,
     prompt_cache: Optional[PromptCache] = None,
     cancel: Optional[Callable[[], bool]] = None,
+    kv: Optional[KVOptions] = None,
 ) -> Generator[GenerationResponse, None, None]:
     """Generate from a prompt (text, or token ids), yielding text as it is produced.
 
@@ -241,32 +242,34 @@ def stream_generate(
     context length, before any work. With a `prompt_cache`, the prefix this
     prompt shares with what the cache holds is not computed again, and the
     cache is left holding this conversation for the next call. `cancel` is
-    asked between prefill chunks (see generate_step).
+    asked between prefill chunks (see generate_step). `kv` bounds or
+    quantizes the keys and values kept (a PromptCache has its own).
     """
     sampling = sampling or SamplingParams()
+    if kv is not None and prompt_cache is not None:
+        raise ElmError("pass kv options to the PromptCache, not to stream_generate, when using one")
     check_request(prompt, max_tokens, prefill_step_size, seed)
     prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     check_context(len(prompt_ids), max_tokens, context_length(model))
 
     reused = prompt_cache.reuse(prompt_ids) if prompt_cache is not None else 0
     fed = list(prompt_ids)  # every token the model has seen, for the prompt cache
+    cache = prompt_cache.cache if prompt_cache is not None else make_cache(model, kv)
     try:
-        yield from _stream(
-            model, tokenizer, prompt_ids, reused, fed, max_tokens, sampling, stop, seed, prefill_step_size, prompt_cache, cancel
-        )
+        yield from _stream(model, tokenizer, prompt_ids, reused, fed, max_tokens, sampling, stop, seed, prefill_step_size, cache, cancel)
     finally:
         if prompt_cache is not None:
             prompt_cache.record(fed)
 
 
-def _stream(model, tokenizer, prompt_ids, reused, fed, max_tokens, sampling, stop, seed, prefill_step_size, prompt_cache, cancel):
+def _stream(model, tokenizer, prompt_ids, reused, fed, max_tokens, sampling, stop, seed, prefill_step_size, cache, cancel):
     steps = generate_step(
         prompt_ids[reused:],
         model,
         make_sampler(sampling),
         make_logits_processors(sampling),
         prefill_step_size,
-        cache=prompt_cache.cache if prompt_cache is not None else None,
+        cache=cache,
         context=prompt_ids[:reused],
         cancel=cancel,
         keys=key_stream(seed) if seed is not None and sampling.temp > 0 else None,

@@ -111,6 +111,31 @@ def add_generation_options(p: argparse.ArgumentParser, max_tokens_help: str, max
     )
 
 
+def add_kv_options(p: argparse.ArgumentParser) -> None:
+    """How keys and values are kept: all of them in the model's dtype (the default), a rotating window, or quantized."""
+    from .cache import KEEP_TOKENS, KV_BITS, KV_GROUP_SIZES
+
+    g = p.add_argument_group("KV cache")
+    g.add_argument(
+        "--max-kv-size",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help=f"keep the keys and values of at most N tokens, the first {KEEP_TOKENS} and the most recent ones, to bound memory; "
+        "the model's context length still bounds the text (default: all)",
+    )
+    g.add_argument(
+        "--kv-bits", type=int, choices=KV_BITS, default=None, help="store keys and values quantized to this many bits (default: off)"
+    )
+    g.add_argument(
+        "--kv-group-size",
+        type=int,
+        choices=KV_GROUP_SIZES,
+        default=None,
+        help="numbers sharing one scale in the quantized keys and values (default: 64, or 32 for head sizes under 64)",
+    )
+
+
 def add_verbose_option(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument(
         "--verbose",
@@ -134,6 +159,21 @@ def sampling_from_args(args) -> SamplingParams:
         repetition_penalty=args.repetition_penalty,
         repetition_context_size=args.repetition_context_size,
     )
+
+
+def kv_from_args(args):
+    """The KVOptions the flags ask for, or None for the plain cache; refuses combinations that do not go together."""
+    from .cache import KEEP_TOKENS, KVOptions
+
+    if args.max_kv_size is not None and args.max_kv_size <= KEEP_TOKENS:
+        raise ElmError(f"--max-kv-size must be above {KEEP_TOKENS}, the first tokens the window always keeps")
+    if args.max_kv_size is None and args.kv_bits is None and args.kv_group_size is None:
+        return None
+    if args.kv_group_size is not None and args.kv_bits is None:
+        raise ElmError("--kv-group-size needs --kv-bits")
+    if args.max_kv_size is not None and args.kv_bits is not None:
+        raise ElmError("--max-kv-size and --kv-bits do not combine; choose one")
+    return KVOptions(max_size=args.max_kv_size, bits=args.kv_bits, group_size=args.kv_group_size)
 
 
 def unescape(text: str) -> str:
