@@ -177,7 +177,7 @@ def load_prompt_cache(path: Path, model) -> Tuple[List[int], List[KVCache]]:
 def _count(header: dict, path: Path, limit: Optional[int]) -> int:
     """The number of cached tokens the header states, within the model's context."""
     text = header["__metadata__"].get("tokens")
-    if not isinstance(text, str) or not text.isdigit() or len(text) > 9 or int(text) < 1:
+    if not isinstance(text, str) or not text.isdigit() or len(text) > 15 or int(text) < 1:
         raise ElmError(f"{path} does not state how many tokens it holds")
     n = int(text)
     if limit is not None and n >= limit:
