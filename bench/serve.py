@@ -373,7 +373,7 @@ def stream_request(port: int, prompt: str, max_tokens: int, timeout: float, star
 class HealthSampler(threading.Thread):
     """GET /health every `interval` seconds until stopped; keeps the JSON bodies."""
 
-    def __init__(self, port: int, interval: float = 0.1):
+    def __init__(self, port: int, interval: float = 0.2):
         super().__init__(daemon=True)
         self.port, self.interval, self.samples = port, interval, []
         self.stopping = threading.Event()
