@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .cli import ArgumentParser, run_cli
 from .cache import PromptCache
 from .cache_prompt import load_prompt_cache, read_cache_header
+from .cli import ArgumentParser, run_cli
 from .errors import ElmError
 from .generation import answer_budget, check_context, check_request, context_length, print_stream, stream_generate
 from .options import (

@@ -19,7 +19,11 @@ from elm_mlx.demo import DEMO_DIR
 from elm_mlx.generation import prefill_chunk
 
 GREEDY = SamplingParams(temp=0)
-PROMPTS = ["First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.", "ROMEO:", "KING HENRY:\nWhat say you, lords"]
+PROMPTS = [
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.",
+    "ROMEO:",
+    "KING HENRY:\nWhat say you, lords",
+]
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
+from hostile import run_limited
 from mlx.utils import tree_map
 
 from conftest import TINY_VOCAB
@@ -21,7 +22,6 @@ from elm_mlx.batching import BatchEngine, Request, batch_generate
 from elm_mlx.cache import PromptCache, PromptStore, default_prompt_cache_bytes, physical_memory
 from elm_mlx.cache_prompt import kv_layout, load_prompt_cache, model_identity
 from elm_mlx.demo import DEMO_DIR
-from hostile import run_limited
 
 cache_prompt = importlib.import_module("elm_mlx.cache_prompt")
 generate = importlib.import_module("elm_mlx.generate")
@@ -238,7 +238,10 @@ def test_cache_prompt_refuses_to_overwrite_unless_forced_and_only_its_own(cache_
     copy = tmp_path / "copy.safetensors"
     copy.write_bytes(cache_file.read_bytes())
     cache_prompt.main(args + [str(copy), "--force"])
-    assert copy.stat().st_size < cache_file.stat().st_size and sorted(p.name for p in tmp_path.iterdir()) == ["copy.safetensors", "weights.safetensors"]
+    assert copy.stat().st_size < cache_file.stat().st_size and sorted(p.name for p in tmp_path.iterdir()) == [
+        "copy.safetensors",
+        "weights.safetensors",
+    ]
 
 
 def write_safetensors(path, tensors: dict, metadata: dict, header_length: int = None, data: bool = True):
@@ -282,7 +285,9 @@ def test_hostile_cache_files_are_one_line_errors(demo, cache_file, tmp_path):
         write_safetensors(tmp_path / "b.safetensors", billion, {**ours, "tokens": str(10**9)}, data=False): "leaving no room",
         write_safetensors(tmp_path / "t.safetensors", layout, {**ours, "tokens": "1e9"}): "does not state how many",
         write_safetensors(tmp_path / "ctx.safetensors", layout, {**ours, "tokens": "600"}): "leaving no room",
-        write_safetensors(tmp_path / "f16.safetensors", {**layout, "layers.0.keys": ("F16", keys0[1], keys0[2] // 2)}, ours): "layers.0.keys is",
+        write_safetensors(
+            tmp_path / "f16.safetensors", {**layout, "layers.0.keys": ("F16", keys0[1], keys0[2] // 2)}, ours
+        ): "layers.0.keys is",
         write_safetensors(tmp_path / "s.safetensors", {**layout, "layers.1.values": ("F32", (1, 99, n, 32), 4 * 99 * n * 32)}, ours): (
             "expected F32 [1, 3,"
         ),
@@ -301,10 +306,12 @@ def test_hostile_cache_files_are_one_line_errors(demo, cache_file, tmp_path):
 
 def test_generate_refuses_a_bad_cache_file_in_one_line_in_bounded_memory(cache_file, tmp_path):
     """The command in a child capped at 1.5 GB: a file claiming four gigabytes of tokens is one line, no traceback."""
-    path = write_safetensors(tmp_path / "big.safetensors", {"tokens": ("I32", (10**9,), 4 * 10**9)}, {"format": "elm-mlx prompt cache"}, data=False)
+    path = write_safetensors(
+        tmp_path / "big.safetensors", {"tokens": ("I32", (10**9,), 4 * 10**9)}, {"format": "elm-mlx prompt cache"}, data=False
+    )
     for file, needle in ((path, "another version"), (cache_file, None)):
         result = run_limited(
-            [sys.executable, "-m", "elm_mlx.generate", "--dtype", "float32", "--no-verbose", "-m", "2", "-p", "x", "--prompt-cache-file", str(file)],
+            [sys.executable, "-m", "elm_mlx.generate", *"--dtype float32 --no-verbose -m 2 -p x --prompt-cache-file".split(), str(file)],
             env={"ELM_MLX_BLAS_NOTICE": "0"},
         )
         if needle:
