@@ -62,7 +62,7 @@ def write_broken_config(tmp_path, tiny_model_dir, **change):
             lambda tmp, good: ["--model", write_broken_config(tmp, good, num_query_heads=[4, 4]), "--prompt", "hi"],
             "num_query_heads has 2 entries",
         ),
-        (lambda tmp, good: ["--model", str(good), "--prompt", "hi", "--temp", "-1"], "argument --temp: must be >= 0, got -1"),
+        (lambda tmp, good: ["--model", str(good), "--prompt", "hi", "--temp", "-1"], "argument --temp: must be in [0, 2], got -1"),
         (lambda tmp, good: ["--model", str(good), "--prompt", "hi", "--top-p", "0"], "argument --top-p: must be in (0, 1], got 0"),
         (lambda tmp, good: ["--model", str(good), "--prompt", "hi", "--max-tokens", "0"], "--max-tokens/-m: must be >= 1, got 0"),
         (lambda tmp, good: ["--model", str(good), "--prompt", ""], "prompt is empty"),

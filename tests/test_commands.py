@@ -52,7 +52,7 @@ def test_the_console_script_lists_every_command(env):
         pytest.skip(f"{SCRIPT} is absent: run `pip install -e .` to install the elm-mlx console script")
     result = subprocess.run([str(SCRIPT), "--help"], capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == 0, result.stderr
-    for name in ("generate", "chat", "serve", "convert", "lora", "fuse", "bench"):
+    for name in ("generate", "chat", "serve", "convert", "lora", "fuse", "bench", "cache-prompt"):
         assert re.search(rf"^  {name} +\S", result.stdout, re.M), result.stdout
     bare = subprocess.run([str(SCRIPT)], capture_output=True, text=True, env=env, timeout=60)
     assert bare.returncode == 2 and "commands:" in bare.stdout
@@ -100,6 +100,7 @@ def test_a_mistyped_flag_is_named_not_a_missing_required_one(env):
         ("convert", 2, "the following arguments are required: --mlx-path"),
         ("lora", 2, "the following arguments are required: --data"),
         ("fuse", 1, "adapters is not an adapter directory"),
+        ("cache-prompt", 2, "the following arguments are required: --prompt/-p, --prompt-cache-file"),
     ],
 )
 def test_commands_that_need_an_input_say_which_in_one_line(name, code, needle, env, tmp_path):
