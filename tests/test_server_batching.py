@@ -171,9 +171,28 @@ def test_health_reports_active_and_queued_requests(demo):
         stop()
 
 
+def test_a_shared_prefix_is_computed_once_and_reported_as_cached(servers):
+    serial, batched, engine = servers
+    preamble = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+    complete(batched, preamble + "ROMEO:", max_tokens=12)
+    text, _, usage = complete(batched, preamble + "JULIET:", max_tokens=12)
+    shared = len(engine.tokenizer.encode(preamble))
+    assert shared - 2 <= usage["prompt_tokens_details"]["cached_tokens"] < usage["prompt_tokens"], (shared, usage)
+    assert text == complete(serial, preamble + "JULIET:", max_tokens=12)[0]  # reuse changes nothing in the answer
+
+
 @pytest.mark.parametrize(
-    "value, message", [("0", "must be in [1, 256], got 0"), ("x", "expected an integer"), ("1e9", "expected an integer")]
+    "flags, message",
+    [
+        (["--max-batch", "0"], "argument --max-batch: must be in [1, 256], got 0"),
+        (["--max-batch", "x"], "argument --max-batch: expected an integer"),
+        (["--max-batch", "1e9"], "argument --max-batch: expected an integer"),
+        (["--prompt-cache-bytes", "-1"], "argument --prompt-cache-bytes: must be >= 0, got -1"),
+        (["--prompt-cache-bytes", str(1 << 62)], "is more than this machine's memory"),
+    ],
 )
-def test_bad_max_batch_is_one_line_at_start_up(value, message):
-    result = subprocess.run([sys.executable, "-m", "elm_mlx.server", "--max-batch", value], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+def test_bad_batching_flags_are_one_line_at_start_up(flags, message):
+    argv = [sys.executable, "-m", "elm_mlx.server", "--port", str(free_port()), *flags]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert result.returncode in (1, 2) and len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+    assert "serving" not in result.stderr

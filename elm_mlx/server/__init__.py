@@ -20,6 +20,7 @@ import socket
 import sys
 from pathlib import Path
 
+from ..cache import PromptStore
 from ..errors import ElmError
 from .app import make_app
 from .batched import BatchedEngine
@@ -43,6 +44,13 @@ def build_parser():
         default=8,
         help="requests decoded together in one forward pass; more wait in arrival order. 1 serves one at a time and "
         "keeps the last conversation's cache for the next request (default: %(default)s)",
+    )
+    p.add_argument(
+        "--prompt-cache-bytes",
+        type=int_at_least(0),
+        default=None,
+        help="with batching: bytes of keys and values kept of earlier prompts, for reuse by any request sharing a prefix "
+        "(least recently used dropped first; 0 keeps none) (default: a quarter of this machine's memory, at most 2 GiB)",
     )
     limits = p.add_argument_group("limits", "what one request may ask; a request beyond them gets a 4xx")
     limits.add_argument(
@@ -99,11 +107,21 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     sampling = sampling_from_args(args)
     check_port_free(args.host, args.port)
+    if args.max_batch > 1:
+        PromptStore(args.prompt_cache_bytes)  # refuses a size beyond this machine's memory before the model loads
     model_name, model, tokenizer = load_from_args(args, verbose=args.verbose)
     local = Path(model_name).expanduser()
     name = local.resolve().name if local.exists() else model_name  # what /v1/models lists
     if args.max_batch > 1:
-        engine = BatchedEngine(model, tokenizer, name, [model_name], args.prefill_step_size, max_batch=args.max_batch)
+        engine = BatchedEngine(
+            model,
+            tokenizer,
+            name,
+            [model_name],
+            args.prefill_step_size,
+            max_batch=args.max_batch,
+            prompt_cache_bytes=args.prompt_cache_bytes,
+        )
     else:
         engine = Engine(model, tokenizer, name, aliases=[model_name], prefill_step_size=args.prefill_step_size)
     limits = Limits(

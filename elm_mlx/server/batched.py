@@ -10,9 +10,10 @@ goes, prefill included (a step prefills at most one chunk).
 
 import queue
 import time
-from typing import Dict
+from typing import Dict, Optional
 
 from ..batching import BatchEngine, Event, Request
+from ..cache import PromptStore
 from ..errors import ElmError
 from ..generation import GenerationResponse
 from .engine import Engine, Job, top_logprobs
@@ -21,9 +22,20 @@ from .engine import Engine, Job, top_logprobs
 class BatchedEngine(Engine):
     """Continuous batching for the server: up to `max_batch` requests decode together, the rest queue."""
 
-    def __init__(self, model, tokenizer, name: str, aliases=(), prefill_step_size: int = 512, max_batch: int = 8):
-        self.batch = BatchEngine(model, tokenizer, max_batch=max_batch, prefill_step_size=prefill_step_size)
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        name: str,
+        aliases=(),
+        prefill_step_size: int = 512,
+        max_batch: int = 8,
+        prompt_cache_bytes: Optional[int] = None,
+    ):
+        # Prefixes of earlier requests (a shared system prompt, a conversation resent with each turn) are reused.
+        self.store = PromptStore(prompt_cache_bytes)
         self.max_batch = max_batch
+        self.batch = self._new_batch(model, tokenizer, prefill_step_size)
         self.running: Dict[int, Job] = {}  # BatchEngine id -> the job it serves
         super().__init__(model, tokenizer, name, aliases, prefill_step_size)
 
@@ -39,6 +51,9 @@ class BatchedEngine(Engine):
                 continue
             for event in events:
                 self._deliver(event)
+
+    def _new_batch(self, model, tokenizer, prefill_step_size: int) -> BatchEngine:
+        return BatchEngine(model, tokenizer, max_batch=self.max_batch, prefill_step_size=prefill_step_size, prompt_cache=self.store)
 
     def _admit(self, wait: bool) -> None:
         """Hand every arrived job to the batch; with nothing running, sleep until one arrives."""
@@ -76,7 +91,7 @@ class BatchedEngine(Engine):
                 {
                     "prompt_tokens": event.prompt_tokens,
                     "generated_tokens": event.generation_tokens,
-                    "cached_tokens": 0,
+                    "cached_tokens": event.cached_tokens,
                     "cancelled": event.finish_reason == "cancelled",
                     "finish_reason": event.finish_reason,
                     "finished_at": time.monotonic(),
@@ -99,6 +114,7 @@ class BatchedEngine(Engine):
             generation_tps=0.0,
             peak_memory_gb=0.0,
             finish_reason=event.finish_reason,
+            prompt_cached_tokens=event.cached_tokens,
         )
 
     def _fail_all(self, error: Exception) -> None:
@@ -106,7 +122,8 @@ class BatchedEngine(Engine):
             job.emit(error)
             job.emit(None)
         self.running.clear()
-        self.batch = BatchEngine(self.model, self.tokenizer, max_batch=self.max_batch, prefill_step_size=self.prefill_step_size)
+        self.store.clear()  # what a failed step stored may be half-made
+        self.batch = self._new_batch(self.model, self.tokenizer, self.prefill_step_size)
 
     def status(self) -> dict:
         """What /health reports: requests decoding or prefilling, requests waiting, and the batch's memory."""
@@ -116,4 +133,6 @@ class BatchedEngine(Engine):
             "max_batch": self.max_batch,
             "kv_bytes": self.batch.kv_bytes(),
             "padding_fraction": round(self.batch.padding_fraction(), 4),
+            "prompt_cache_bytes": self.store.nbytes,
+            "prompt_cache_entries": len(self.store),
         }
