@@ -13,7 +13,6 @@ a size bound before they are parsed.
 """
 
 import dataclasses
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -19,9 +19,9 @@ from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 import elm_mlx
+from elm_mlx.dtypes import DTYPES, default_dtype
 from elm_mlx.errors import ElmError
 from elm_mlx.files import atomic_directory, refuse_existing, save_weights
-from elm_mlx.dtypes import DTYPES, default_dtype
 from elm_mlx.models import architecture
 from elm_mlx.quantize import bits_per_weight, check_options, quantize_model
 
