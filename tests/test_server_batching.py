@@ -196,3 +196,28 @@ def test_bad_batching_flags_are_one_line_at_start_up(flags, message):
     result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert result.returncode in (1, 2) and len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
     assert "serving" not in result.stderr
+
+
+def test_a_bounded_kv_cache_serves_one_request_at_a_time_with_the_same_answer(demo):
+    """--max-kv-size with --max-batch 1: while the window is not exceeded, the answers are the plain cache's."""
+    from elm_mlx.cache import KVOptions
+
+    model, tokenizer = demo
+    plain_url, stop_plain = serve(Engine(model, tokenizer, "demo"))
+    windowed = Engine(model, tokenizer, "demo", kv=KVOptions(max_size=256))
+    window_url, stop_window = serve(windowed)
+    try:
+        assert all(type(layer).__name__ == "RotatingKVCache" for layer in windowed.prompt_cache.cache)
+        for prompt in PROMPTS[:3]:
+            assert complete(window_url, prompt, max_tokens=30)[0] == complete(plain_url, prompt, max_tokens=30)[0]
+    finally:
+        stop_plain()
+        stop_window()
+
+
+def test_kv_options_with_batching_are_refused_in_one_line():
+    argv = [sys.executable, "-m", "elm_mlx.server", "--port", str(free_port()), "--kv-bits", "8"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and result.stderr.strip() == (
+        "error: --max-kv-size and --kv-bits need --max-batch 1: the batched cache keeps every key and value in full"
+    )

@@ -32,7 +32,7 @@ __all__ = ["Engine", "BatchedEngine", "Job", "Limits", "RequestError", "make_app
 
 def build_parser():
     from ..cli import ArgumentParser, float_in, int_at_least, positive_int
-    from ..options import DEFAULT_PREFILL_STEP, add_model_options, add_sampling_options, add_verbose_option
+    from ..options import DEFAULT_PREFILL_STEP, add_kv_options, add_model_options, add_sampling_options, add_verbose_option
 
     p = ArgumentParser(prog="python -m elm_mlx.server", description="Serve a model behind an OpenAI-compatible HTTP API.")
     add_model_options(p)
@@ -78,6 +78,7 @@ def build_parser():
         default=5.0,
         help="seconds an idle keep-alive connection stays open (default: %(default)s)",
     )
+    add_kv_options(p)
     add_sampling_options(p, seed=False, title="sampling defaults (for requests that leave the field out)")
     add_verbose_option(p, "print which model is used and conversion notes to stderr")
     return p
@@ -101,11 +102,14 @@ def check_port_free(host: str, port: int) -> None:
 def main(argv=None) -> None:
     import uvicorn
 
-    from ..options import load_from_args, sampling_from_args
+    from ..options import kv_from_args, load_from_args, sampling_from_args
     from .connections import protocol_with_header_timeout, raise_open_file_limit, throttle_logs
 
     args = build_parser().parse_args(argv)
     sampling = sampling_from_args(args)
+    kv = kv_from_args(args)
+    if kv is not None and args.max_batch > 1:
+        raise ElmError("--max-kv-size and --kv-bits need --max-batch 1: the batched cache keeps every key and value in full")
     check_port_free(args.host, args.port)
     if args.max_batch > 1:
         PromptStore(args.prompt_cache_bytes)  # refuses a size beyond this machine's memory before the model loads
@@ -123,7 +127,7 @@ def main(argv=None) -> None:
             prompt_cache_bytes=args.prompt_cache_bytes,
         )
     else:
-        engine = Engine(model, tokenizer, name, aliases=[model_name], prefill_step_size=args.prefill_step_size)
+        engine = Engine(model, tokenizer, name, aliases=[model_name], prefill_step_size=args.prefill_step_size, kv=kv)
     limits = Limits(
         max_tokens_limit=args.max_tokens_limit,
         max_prompt_tokens=args.max_prompt_tokens if args.max_prompt_tokens is not None else engine.context_length,

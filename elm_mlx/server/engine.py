@@ -18,7 +18,7 @@ from typing import Any, List, Optional, Sequence
 
 import mlx.core as mx
 
-from ..cache import PromptCache
+from ..cache import KVOptions, PromptCache
 from ..generation import Cancelled, context_length, stream_generate
 from ..sample import SamplingParams, finite_logprobs
 from ..tokenizer import Tokenizer
@@ -39,12 +39,20 @@ class Job:
 
 
 class Engine:
-    def __init__(self, model, tokenizer: Tokenizer, name: str, aliases: Sequence[str] = (), prefill_step_size: int = 512):
+    def __init__(
+        self,
+        model,
+        tokenizer: Tokenizer,
+        name: str,
+        aliases: Sequence[str] = (),
+        prefill_step_size: int = 512,
+        kv: Optional[KVOptions] = None,
+    ):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.aliases = {name, *aliases}  # model names a request may use for this model
         self.context_length = context_length(model)
         self.prefill_step_size = prefill_step_size
-        self.prompt_cache = PromptCache(model)
+        self.prompt_cache = PromptCache(model, kv)  # kv: a rotating window or quantized keys and values
         self.jobs: "queue.Queue[Job]" = queue.Queue()
         self.created = int(time.time())
         self.finished: "collections.deque[dict]" = collections.deque(maxlen=64)  # recent jobs, for /health and tests
