@@ -6,8 +6,11 @@ print(generate(model, tokenizer, "Once upon a time", max_tokens=64))
 results = batch_generate(model, tokenizer, ["Once upon a time", "To be"], max_tokens=64)  # decoded together
 """
 
+import sys
+import types
+
 # Must run before anything imports mlx (see _blas.py).
-from ._blas import preload_optimized_blas
+from ._blas import preload_optimized_blas  # noqa: E402
 
 BLAS = preload_optimized_blas()
 
@@ -29,3 +32,16 @@ __all__ = [
     "BLAS",
 ]
 __version__ = "0.1.0"
+
+
+class _Package(types.ModuleType):
+    """Importing the command-line module elm_mlx.generate (as `elm-mlx generate` does) would make Python set
+    the package attribute `generate` to that module, replacing the function; keep the function."""
+
+    def __setattr__(self, name, value):
+        if name == "generate" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -247,3 +247,11 @@ def test_chat_in_a_terminal_with_reset_stats_system_and_save(env, tmp_path):
     assert saved["format"] == "elm-mlx chat transcript" and saved["messages"] == [{"role": "system", "content": "Speak as a king."}]
     assert (tmp_path / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "talk.json"]  # no temporaries left
+
+
+def test_the_generate_command_module_does_not_shadow_the_generate_function():
+    importlib.import_module("elm_mlx.generate")  # what `elm-mlx generate` does
+    from elm_mlx import generate
+
+    assert callable(generate) and generate.__module__ == "elm_mlx.generation"
+    assert importlib.import_module("elm_mlx.generate").main  # the command is still there

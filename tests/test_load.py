@@ -82,7 +82,7 @@ def test_hub_id_not_cached_and_offline_is_one_clear_error(tmp_path, monkeypatch)
 
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(ElmError, match="not in the local Hugging Face cache.*connect to the internet once"):
+    with pytest.raises(ElmError, match="not in the local Hugging Face cache and HF_HUB_OFFLINE is set; unset it to download"):
         load("apple/OpenELM-270M-Instruct")
 
 
