@@ -89,7 +89,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--trials",
         type=int_at_least(1, 100),
-        help="runs of each concurrency per server; the run with the median aggregate tok/s is reported (default: 1)",
+        help="runs of each concurrency per server, the levels interleaved; the run with the median aggregate tok/s is reported "
+        "(default: 1)",
     )
     p.add_argument("--max-batch", type=int_at_least(2, 256), default=8, help="--max-batch of our batched server (default: %(default)s)")
     p.add_argument("--no-peer", action="store_true", help="skip mlx_lm.server (default: run it when mlx-lm is installed)")
@@ -393,8 +394,8 @@ class HealthSampler(threading.Thread):
         return self.samples
 
 
-def run_streams(port: int, prompts: List[str], max_tokens: int, timeout: float) -> tuple:
-    """All prompts at once, one thread each; (records, health samples)."""
+def run_streams(port: int, prompts: List[str], max_tokens: int, timeout: float, health: bool = True) -> tuple:
+    """All prompts at once, one thread each; (records, health samples: none without `health`)."""
     start = threading.Barrier(len(prompts) + 1)
     records = [{} for _ in prompts]
     threads = [
@@ -408,10 +409,11 @@ def run_streams(port: int, prompts: List[str], max_tokens: int, timeout: float) 
         start.wait(timeout=60)
     except threading.BrokenBarrierError:
         pass
-    sampler.start()
+    if health:
+        sampler.start()
     for t in threads:
         t.join(timeout + 60)
-    return records, sampler.stop()
+    return records, sampler.stop() if health else []
 
 
 def _percentile(values: List[float], q: float) -> Optional[float]:
@@ -505,7 +507,7 @@ def server_plan(args, directory: Path, ports: List[int], logs: Path) -> List[Ser
             Server(
                 "mlx-lm",
                 "mlx_lm.server",
-                [sys.executable, "-m", "mlx_lm.server", "--model", str(directory), "--port", str(ports[2]), "--log-level", "WARNING"],
+                [sys.executable, "-m", "mlx_lm", "server", "--model", str(directory), "--port", str(ports[2]), "--log-level", "WARNING"],
                 ports[2],
                 logs / "mlx-lm.log",
             )
@@ -618,6 +620,20 @@ def plot(path: Path, rows: List[dict], labels: dict, title: str) -> None:
     plt.close(fig)
 
 
+def progress_line(label: str, n: int, run: dict, suffix: str = "") -> str:
+    health = run.get("health") or {}
+    kv = health.get("kv_bytes_per_stream_median")
+    load = run.get("load_before")
+    return (
+        f"{label}, {n} stream{'s' * (n > 1)}{suffix}: {run.get('tokens', 0)} tokens in {_fmt(run.get('wall_s'))} s, "
+        f"{_fmt(run.get('aggregate_tps'))} tok/s aggregate, TTFT median {_fmt(run.get('ttft_median_s'), '.3f')} s, "
+        f"per stream {_fmt(run.get('per_stream_tps_median'))} tok/s"
+        + (f", KV {kv / 1e6:.2f} MB/stream, padding {_fmt(health.get('padding_fraction_median'), '.2f')}" if kv is not None else "")
+        + (f", {run['error_count']} failed: {run['errors'][0]}" if run["error_count"] else "")
+        + f" (load {load[0] if load else '?'})"
+    )
+
+
 def _load() -> Optional[List[float]]:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -710,36 +726,25 @@ def main(argv=None) -> None:
                 if not quick:  # every batch size once, untimed
                     run_streams(server.port, [prompts.next() for _ in range(max(concurrency))], 8, args.request_timeout)
                 log(f"{server.label} ready in {time.perf_counter() - started:.1f} s (warm-up included)")
+                runs = {n: [] for n in concurrency}
+                for trial in range(trials):  # the levels interleaved, so that a busy spell on a shared machine spreads over all
+                    for n in concurrency:
+                        load = _load()
+                        records, samples = run_streams(
+                            server.port, [prompts.next() for _ in range(n)], max_tokens, args.request_timeout, health=server.key != "mlx-lm"
+                        )
+                        run = {**summarize(records, samples), "load_before": load, "load_after": _load()}
+                        runs[n].append(run)
+                        log(progress_line(server.label, n, run, f" [trial {trial + 1}/{trials}]" if trials > 1 else ""))
+                        if run["error_count"] and server.key != "mlx-lm":
+                            raise ElmError(
+                                f"{server.label}: {run['error_count']} of {run['requests']} requests at {n} streams failed: {run['errors'][0]}"
+                            )
                 for n in concurrency:
-                    load_before = _load()
-                    runs = []
-                    for _ in range(trials):
-                        records, samples = run_streams(server.port, [prompts.next() for _ in range(n)], max_tokens, args.request_timeout)
-                        runs.append(summarize(records, samples))
-                    runs.sort(key=lambda r: r.get("aggregate_tps") or 0)
-                    row = {"server": server.key, "label": server.label, "concurrency": n, **runs[(len(runs) - 1) // 2]}
-                    row["aggregate_tps_trials"] = [r.get("aggregate_tps") for r in runs]
-                    row["load_before"], row["load_after"] = load_before, _load()
+                    ordered = sorted(runs[n], key=lambda r: r.get("aggregate_tps") or 0)
+                    row = {"server": server.key, "label": server.label, "concurrency": n, **ordered[(len(ordered) - 1) // 2]}
+                    row["aggregate_tps_trials"] = [r.get("aggregate_tps") for r in runs[n]]
                     rows.append(row)
-                    health = row.get("health") or {}
-                    kv = health.get("kv_bytes_per_stream_median")
-                    log(
-                        f"{server.label}, {n} stream{'s' * (n > 1)}: {row.get('tokens', 0)} tokens in {_fmt(row.get('wall_s'))} s, "
-                        f"{_fmt(row.get('aggregate_tps'))} tok/s aggregate, TTFT median {_fmt(row.get('ttft_median_s'), '.3f')} s, "
-                        f"per stream {_fmt(row.get('per_stream_tps_median'))} tok/s"
-                        + (
-                            f", KV {kv / 1e6:.2f} MB/stream, padding {_fmt(health.get('padding_fraction_median'), '.2f')}"
-                            if kv is not None
-                            else ""
-                        )
-                        + (f", {row['error_count']} failed: {row['errors'][0]}" if row["error_count"] else "")
-                        + (f", trials {' '.join(_fmt(r) for r in row['aggregate_tps_trials'])} tok/s" if trials > 1 else "")
-                        + f" (load {load_before[0] if load_before else '?'})"
-                    )
-                    if row["error_count"] and server.key != "mlx-lm":
-                        raise ElmError(
-                            f"{server.label}: {row['error_count']} of {row['requests']} requests at {n} streams failed: {row['errors'][0]}"
-                        )
                 server.stop()
             entries = ratios(rows, concurrency)
             settings = {

@@ -47,7 +47,7 @@ def servers_running(ports):
         except OSError:
             continue
         text = [a.decode(errors="replace") for a in argv]
-        if any(m in text for m in ("elm_mlx.server", "mlx_lm.server")) and "--port" in text:
+        if any(m in text for m in ("elm_mlx.server", "mlx_lm.server", "mlx_lm")) and "--port" in text:
             if int(text[text.index("--port") + 1]) in ports:
                 found.append((entry.name, " ".join(text)))
     return found
