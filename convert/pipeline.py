@@ -16,13 +16,13 @@ from typing import Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
-from tqdm import tqdm
 
 import elm_mlx
 from elm_mlx.dtypes import DTYPES, default_dtype
 from elm_mlx.errors import ElmError
 from elm_mlx.files import atomic_directory, refuse_existing, save_weights
 from elm_mlx.models import architecture
+from elm_mlx.progress import Progress
 from elm_mlx.quantize import bits_per_weight, check_options, quantize_model
 
 from .checkpoint import checked_weights, read_checkpoint
@@ -100,8 +100,10 @@ def convert_checkpoint(
         quant_text += f" ({bits_per_weight(model):.2f} bits/weight)"
 
     output = dict(tree_flatten(model.parameters()))
-    for key in tqdm(sorted(output), desc="converting", unit="tensor", disable=not progress):
-        mx.eval(output[key])
+    with Progress(len(output), "converting", "tensor", enabled=progress) as bar:  # a bar on a terminal, else plain lines
+        for key in sorted(output):
+            mx.eval(output[key])
+            bar.update()
     del weights, checkpoint.weights
 
     keep = named + checkpoint.sources + list(tokenizer_files.values())
