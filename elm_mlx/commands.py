@@ -19,6 +19,7 @@ COMMANDS = {
     "convert": ("convert.__main__", "convert a PyTorch OpenELM checkpoint to an MLX model directory"),
     "lora": ("elm_mlx.lora.cli", "fine-tune: LoRA, DoRA, QLoRA or all weights"),
     "fuse": ("elm_mlx.fuse", "merge fine-tuned adapters into a new model directory"),
+    "evaluate": ("elm_mlx.evaluate.cli", "perplexity and benchmark accuracy"),
     "bench": ("bench.__main__", "measure throughput and memory against OLMo and mlx-lm"),
 }
 
