@@ -30,6 +30,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import List, Optional
 
+from elm_mlx import files
 from elm_mlx.cli import ArgumentParser, check_output_path, int_at_least, one_line
 from elm_mlx.errors import ElmError
 from elm_mlx.files import atomic_directory
@@ -37,6 +38,10 @@ from elm_mlx.files import atomic_directory
 REPO = Path(__file__).resolve().parents[1]
 LLAMA_TOKENIZER = REPO.parent / "shared" / "assets" / "llama2-tokenizer.model"
 HOST = "127.0.0.1"
+PLOT = "aggregate_tps.png"
+# --force replaces only a directory of known elm-mlx outputs; the plot's name is added here until
+# elm_mlx/files.py lists it itself.
+files.OUTPUT_FILES = files.OUTPUT_FILES | {PLOT}
 PROMPT_ROOM = 64  # tokens kept for a prompt (they are 20 to 40 long)
 
 SPEAKERS = ["ROMEO", "JULIET", "HAMLET", "KING LEAR", "MACBETH", "OTHELLO", "PORTIA", "PROSPERO", "VIOLA", "BRUTUS", "FALSTAFF"]
@@ -695,7 +700,7 @@ def main(argv=None) -> None:
 
             machine = machine_info({"gb_s": None, "note": "not measured by bench serve"})
             log(machine["description"])
-            logs = staging / "logs"
+            logs = workdir / "logs"  # the servers' output; the error line quotes it when one fails
             logs.mkdir()
             servers = server_plan(args, directory, ports or [free_port() for _ in range(3)], logs)
             labels = {s.key: s.label for s in servers}
@@ -741,9 +746,11 @@ def main(argv=None) -> None:
                                 f"{server.label}: {run['error_count']} of {run['requests']} requests at {n} streams failed: {run['errors'][0]}"
                             )
                 for n in concurrency:
-                    ordered = sorted(runs[n], key=lambda r: r.get("aggregate_tps") or 0)
+                    clean = [r for r in runs[n] if not r["error_count"]] or runs[n]  # a run with failures only if all had some
+                    ordered = sorted(clean, key=lambda r: r.get("aggregate_tps") or 0)
                     row = {"server": server.key, "label": server.label, "concurrency": n, **ordered[(len(ordered) - 1) // 2]}
                     row["aggregate_tps_trials"] = [r.get("aggregate_tps") for r in runs[n]]
+                    row["failed_requests_all_trials"] = sum(r["error_count"] for r in runs[n])
                     rows.append(row)
                 server.stop()
             entries = ratios(rows, concurrency)
@@ -777,7 +784,7 @@ def main(argv=None) -> None:
                 f"{table(rows, labels, markdown=True)}\n\n{ratio_table(entries, markdown=True)}\n\n"
                 f"Load average (1, 5, 15 min) at the end: {results['load_average']}.{notes}\n"
             )
-            plot(staging / "aggregate_tps.png", rows, labels, f"{name}: {machine['description']}")
+            plot(staging / PLOT, rows, labels, f"{name}: {machine['description']}")
     finally:
         for server in servers:
             server.stop()
@@ -787,7 +794,7 @@ def main(argv=None) -> None:
     print(table(rows, labels))
     if entries:
         print("\n" + ratio_table(entries))
-    print(f"\nresults in {out}/ (results.json, results.md, aggregate_tps.png, logs/)")
+    print(f"\nresults in {out}/ (results.json, results.md, {PLOT})")
 
 
 if __name__ == "__main__":

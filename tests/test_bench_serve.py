@@ -63,7 +63,7 @@ def test_quick_run_writes_every_figure_and_stops_its_servers(tmp_path, env):
     out = tmp_path / "serve"
     result = bench("--quick", "--out", str(out), env=env)
     assert result.returncode == 0, result.stderr
-    assert {p.name for p in out.iterdir()} >= {"results.json", "results.md", "aggregate_tps.png", "logs"}
+    assert {p.name for p in out.iterdir()} == {"results.json", "results.md", "aggregate_tps.png"}
     assert (out / "aggregate_tps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((out / "results.json").read_text())
     assert {"machine", "model", "settings", "servers", "rows", "ratios", "skipped", "load_average"} <= set(results)
@@ -92,6 +92,15 @@ def test_quick_run_writes_every_figure_and_stops_its_servers(tmp_path, env):
     again = bench("--quick", "--out", str(out), env=env)
     assert again.returncode == 1 and lines(again.stderr) == [f"error: {out} already exists; pass --force to replace it"]
     assert json.loads((out / "results.json").read_text()) == results
+
+    (out / "mine.txt").write_text("not a bench output")
+    foreign = bench("--quick", "--force", "--out", str(out), env=env)
+    assert foreign.returncode == 1 and "--force will not replace" in foreign.stderr and len(lines(foreign.stderr)) == 1
+    (out / "mine.txt").unlink()
+    replaced = bench("--quick", "--force", "--concurrency", "1", "--out", str(out), env=env)
+    assert replaced.returncode == 0, replaced.stderr
+    assert json.loads((out / "results.json").read_text())["settings"]["concurrency"] == [1]
+    assert [p.name for p in tmp_path.iterdir()] == ["serve"]
 
 
 def test_ctrl_c_stops_the_server_and_writes_nothing(tmp_path, env):
