@@ -557,6 +557,7 @@ def table(rows: List[dict], labels: dict, markdown: bool = False) -> str:
         "KV MB/stream",
         "padding",
         "errors",
+        "load",
     ]
     lines = []
     for row in rows:
@@ -574,6 +575,7 @@ def table(rows: List[dict], labels: dict, markdown: bool = False) -> str:
                 _fmt(health.get("kv_bytes_per_stream_median"), ".2f", 1e-6),
                 _fmt(health.get("padding_fraction_median"), ".2f"),
                 str(row.get("error_count", 0)),
+                _fmt((row.get("load_before") or [None])[0], ".2f"),
             ]
         )
     return _render(header, lines, markdown)
@@ -780,7 +782,8 @@ def main(argv=None) -> None:
                 f"{max_tokens} tokens per request (greedy), streaming /v1/completions, all streams started together. "
                 "Aggregate tok/s: all completion tokens over the wall time from the first request to the last stream done. "
                 "Per-stream tok/s: a stream's tokens after its first over the time between its first and last chunk. "
-                "KV MB/stream and padding: /health sampled during the run (our batched server).\n\n"
+                "KV MB/stream and padding: /health sampled during the run (our batched server). "
+                "Load: the 1-minute load average when the run began (the CPU may be shared).\n\n"
                 f"{table(rows, labels, markdown=True)}\n\n{ratio_table(entries, markdown=True)}\n\n"
                 f"Load average (1, 5, 15 min) at the end: {results['load_average']}.{notes}\n"
             )
