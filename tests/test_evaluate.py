@@ -31,7 +31,8 @@ def env(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     saved = os.environ.get("ELM_MLX_CACHE")
     os.environ["ELM_MLX_CACHE"] = str(cache)
-    yield {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    path = os.pathsep.join([str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+    yield {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": path}
     if saved is None:
         os.environ.pop("ELM_MLX_CACHE", None)
     else:
@@ -247,3 +248,119 @@ def test_missing_data_and_no_subcommand_are_usage_errors(env, tmp_path):
     assert bare.returncode == 2 and error_lines(bare) == ["elm-mlx evaluate: error: the following arguments are required: COMMAND (see --help)"]
     missing = evaluate("perplexity", "--data", str(tmp_path / "nope.txt"), "--no-verbose", env=env)
     assert missing.returncode == 1 and error_lines(missing) == [f"error: data file {tmp_path / 'nope.txt'} does not exist"]
+
+
+# -- the lm-eval backend ----------------------------------------------------------------------------------------------
+
+
+class Request:
+    def __init__(self, *args):
+        self.args = args
+
+
+@pytest.fixture(scope="module")
+def backend(env):
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install -e '.[eval]')")
+    from elm_mlx.evaluate.lm_eval_backend import ElmMLX
+
+    return ElmMLX(loaded=load(str(DEMO_DIR), dtype="float32", verbose=False), batch_size=3)
+
+
+def continuation_log_prob(model, tokenizer, context, continuation, keep=None):
+    """log p(continuation | context) from one unbatched forward pass; `keep` cuts the oldest tokens first."""
+    ctx = tokenizer.encode(context)
+    cont = tokenizer.encode(context + continuation)[len(ctx) :]
+    ids = (ctx + cont)[-keep:] if keep else ctx + cont
+    return -nlls_given(model, ids[: len(ids) - len(cont)], cont).sum()
+
+
+def test_loglikelihood_sums_the_continuations_log_probs_in_any_batch_order(backend):
+    pairs = [("ROMEO:", " But soft"), ("JULIET:\nO Romeo, Romeo,", " wherefore art thou"), ("KING:", " Now"), ("First Citizen:\n", "Speak, speak.")]
+    got = backend.loglikelihood([Request(*p) for p in pairs])
+    for (context, continuation), (log_prob, _) in zip(pairs, got):
+        assert log_prob == pytest.approx(continuation_log_prob(backend.model, backend.tokenizer, context, continuation), rel=1e-5)
+
+
+def test_loglikelihood_says_when_greedy_decoding_gives_the_continuation(backend):
+    tokens = backend.tokenizer.encode("ROMEO:")
+    greedy = int(mx.argmax(backend.model(mx.array([tokens]))[0, -1]).item())
+    continuation = backend.tokenizer.decode(tokens + [greedy])[len(backend.tokenizer.decode(tokens)) :]
+    (_, is_greedy), = backend.loglikelihood([Request("ROMEO:", continuation)])
+    (_, other), = backend.loglikelihood([Request("ROMEO:", " zzzz")])
+    assert is_greedy and not other
+
+
+def test_a_context_longer_than_the_window_loses_its_oldest_tokens(backend):
+    context = TEXT[:2000]
+    saved = backend.max_length
+    backend.max_length = 64
+    try:
+        (log_prob, _), = backend.loglikelihood([Request(context, " JULIET")])
+    finally:
+        backend.max_length = saved
+    assert log_prob == pytest.approx(continuation_log_prob(backend.model, backend.tokenizer, context, " JULIET", keep=65), rel=1e-5)
+
+
+def test_rolling_loglikelihood_is_minus_the_sum_of_every_tokens_nll(backend):
+    text = TEXT[:1500]
+    tokens = backend.tokenizer.encode(text)
+    assert len(tokens) > backend.max_length  # more than one window
+    (got,) = backend.loglikelihood_rolling([Request(text)])
+    assert got == pytest.approx(-direct_mean_nll(backend.model, tokens, backend.max_length, backend.max_length) * (len(tokens) - 1), rel=1e-5)
+
+
+def test_generate_until_stops_before_the_stop_sequence(backend):
+    from elm_mlx.generation import generate
+    from elm_mlx.sample import SamplingParams
+
+    free = generate(backend.model, backend.tokenizer, "ROMEO:", max_tokens=40, sampling=SamplingParams(temp=0))
+    assert "\n" in free.strip("\n")
+    stop = "\n"
+    (got,) = backend.generate_until([Request("ROMEO:", {"until": [stop], "max_gen_toks": 40})])
+    assert got == free.split(stop)[0] and stop not in got
+
+
+def write_choice_task(folder: Path, docs) -> Path:
+    data = folder / "choice.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (folder / "choice.yaml").write_text(
+        "task: elm_tiny_choice\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: " + str(data) + "\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_target: answer\n"
+        "doc_to_choice: choices\nmetric_list:\n  - metric: acc\n"
+    )
+    return folder / "choice.yaml"
+
+
+def test_a_local_multiple_choice_task_scores_what_the_loglikelihoods_say(backend, env, tmp_path):
+    docs = [
+        {"question": "ROMEO:", "choices": ["But soft", "zzzz qqq", "12345"], "answer": 0},
+        {"question": "KING:", "choices": ["xylophone", "My lord", "Q"], "answer": 1},
+        {"question": "JULIET:", "choices": ["O Romeo", "bzzt"], "answer": 1},
+    ]
+    task = write_choice_task(tmp_path, docs)
+    expected = []
+    for d in docs:
+        scores = [continuation_log_prob(backend.model, backend.tokenizer, d["question"], " " + c) for c in d["choices"]]  # lm-eval joins them with a space
+        expected.append(float(np.argmax(scores) == d["answer"]))
+    output = tmp_path / "results.json"
+    result = evaluate("tasks", "--tasks", str(task), "--dtype", "float32", "--output", str(output), "--no-verbose", env=env)
+    assert result.returncode == 0, result.stderr
+    acc = json.loads(output.read_text())["results"]["elm_tiny_choice"]["acc,none"]
+    assert acc == pytest.approx(np.mean(expected)) and 0 < acc < 1
+    assert "| elm_tiny_choice |" in result.stdout
+
+
+def test_an_unknown_task_is_one_line(backend, env):
+    result = evaluate("tasks", "--tasks", "no_such_task_anywhere", "--no-verbose", env=env)
+    assert result.returncode == 1 and error_lines(result) == [
+        "error: unknown task no_such_task_anywhere; `lm_eval ls tasks` lists them"
+    ], result.stderr
+
+
+def test_without_lm_eval_the_tasks_command_says_which_extra_to_install(monkeypatch):
+    from elm_mlx.evaluate import cli
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # an import of it now fails, installed or not
+    monkeypatch.delitem(sys.modules, "elm_mlx.evaluate.lm_eval_backend", raising=False)
+    with pytest.raises(ElmError, match=r"needs lm-eval, an optional extra: pip install -e '\.\[eval\]'"):
+        cli.main(["tasks", "--tasks", "openelm"])

@@ -124,7 +124,7 @@ def token_nlls(model: nn.Module, batch: mx.array) -> mx.array:
     return mx.logsumexp(logits, axis=-1) - picked
 
 
-def perplexity(
+def scored_nlls(
     model: nn.Module,
     tokens: List[int],
     context: Optional[int] = None,
@@ -132,8 +132,9 @@ def perplexity(
     batch_size: int = 8,
     progress: bool = False,
     desc: str = "perplexity",
-) -> Result:
-    """Score `tokens` with `model` in windows of `context` tokens (default: the model's context length)."""
+) -> Tuple[np.ndarray, int]:
+    """-log p of each of tokens[1:], in order, scored in windows of `context` tokens
+    (default: the model's context length), and how many windows that took."""
     limit = context_length(model)
     if context is None:
         if limit is None:
@@ -145,8 +146,7 @@ def perplexity(
     stream = np.asarray(tokens, dtype=np.int32)
     scored: List[np.ndarray] = []
     running, count = 0.0, 0
-    start = time.perf_counter()
-    with Progress(sum(w.end - w.begin - w.first for w in plan), desc, "token", enabled=progress) as bar:
+    with Progress(len(tokens) - 1, desc, "token", enabled=progress) as bar:
         for i in range(0, len(plan), batch_size):
             group = plan[i : i + batch_size]
             batch, mask = _pad(stream, group)
@@ -156,10 +156,24 @@ def perplexity(
             scored.append(values)
             running, count = running + values.sum(), count + values.size
             bar.update(values.size, status=f"ppl {math.exp(running / count):.3f}")
+    return np.concatenate(scored), len(plan)
+
+
+def perplexity(
+    model: nn.Module,
+    tokens: List[int],
+    context: Optional[int] = None,
+    stride: Optional[int] = None,
+    batch_size: int = 8,
+    progress: bool = False,
+    desc: str = "perplexity",
+) -> Result:
+    """Score `tokens` with `model` in windows of `context` tokens (default: the model's context length)."""
+    start = time.perf_counter()
+    nll, n_windows = scored_nlls(model, tokens, context, stride, batch_size, progress, desc)
     seconds = time.perf_counter() - start
-    all_nll = np.concatenate(scored)
-    se = float(all_nll.std(ddof=1) / math.sqrt(all_nll.size)) if all_nll.size > 1 else float("nan")
-    return Result(int(all_nll.size), len(plan), float(all_nll.mean()), se, seconds)
+    se = float(nll.std(ddof=1) / math.sqrt(nll.size)) if nll.size > 1 else float("nan")
+    return Result(int(nll.size), n_windows, float(nll.mean()), se, seconds)
 
 
 def _pad(stream: np.ndarray, group: List[Window]) -> Tuple[np.ndarray, np.ndarray]:

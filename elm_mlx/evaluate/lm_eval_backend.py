@@ -1,0 +1,130 @@
+"""elm-mlx as an lm-evaluation-harness model: `lm_eval --model elm-mlx --model_args model=...`.
+
+lm-eval asks three questions of a model; each is answered with elm-mlx's own
+model and tokenizer:
+
+- loglikelihood: log p(continuation | context) and whether greedy decoding
+  would have produced the continuation. Requests run longest first, in
+  batches padded at the end; a context too long for the window loses its
+  oldest tokens, as lm-eval expects.
+- loglikelihood_rolling: log p of a whole text, scored in windows of the
+  context length (the same windows as `elm-mlx evaluate perplexity`).
+- generate_until: greedy text up to a stop sequence, through elm-mlx's
+  generation loop.
+
+Importing this module needs lm-eval (`pip install -e '.[eval]'`); the
+`elm-mlx evaluate tasks` command says so in one line when it is missing.
+"""
+
+from typing import List, Optional, Tuple
+
+import mlx.core as mx
+import numpy as np
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+
+from ..generation import context_length, generate
+from ..sample import SamplingParams
+from .perplexity import scored_nlls
+
+DEFAULT_MAX_GEN_TOKENS = 256
+
+
+@register_model("elm-mlx")
+class ElmMLX(LM):
+    def __init__(
+        self,
+        model: Optional[str] = None,
+        adapter_path: Optional[str] = None,
+        dtype: Optional[str] = None,
+        q_bits: Optional[int] = None,
+        q_group_size: int = 64,
+        q_recipe: Optional[str] = None,
+        batch_size=8,
+        max_length: Optional[int] = None,
+        max_gen_toks: int = DEFAULT_MAX_GEN_TOKENS,
+        loaded=None,
+        **_ignored,  # lm-eval also passes device and max_batch_size, which mean nothing here
+    ):
+        super().__init__()
+        if loaded is None:
+            from ..load import load
+            from ..options import resolve_model
+
+            name = resolve_model(model, adapter_path, verbose=False)
+            bits = None if q_bits is None else int(q_bits)
+            loaded = load(name, dtype=dtype, q_bits=bits, q_group_size=int(q_group_size), q_recipe=q_recipe, adapter_path=adapter_path,
+                          verbose=False)  # fmt: skip
+        self.model, self.tokenizer = loaded
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # "auto" means nothing here either
+        self.max_length = int(max_length) if max_length else (context_length(self.model) or 2048)
+        self.max_gen_toks = int(max_gen_toks)
+
+    # -- loglikelihood --------------------------------------------------------------------------------------------
+
+    def _pair(self, context: str, continuation: str) -> Tuple[List[int], List[int]]:
+        """(context ids, continuation ids). Spaces that end the context belong to the continuation, so that
+        " Paris" after "The capital is" is encoded as the tokenizer encodes it inside running text."""
+        stripped = len(context) - len(context.rstrip(" "))
+        if stripped:
+            context, continuation = context[:-stripped], context[-stripped:] + continuation
+        if not context:
+            whole = self.tokenizer.encode(continuation)
+            head = whole[:1] if whole and whole[0] == self.tokenizer.bos_id else []
+            return head or [min(self.tokenizer.eos_ids)], whole[len(head) :]
+        ctx = self.tokenizer.encode(context)
+        whole = self.tokenizer.encode(context + continuation)
+        if whole[: len(ctx)] == ctx:
+            return ctx, whole[len(ctx) :]
+        return ctx, self.tokenizer.encode(continuation, add_bos=False)
+
+    def loglikelihood(self, requests) -> List[Tuple[float, bool]]:
+        pairs = [self._pair(*r.args) for r in requests]
+        order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+        out: List[Optional[Tuple[float, bool]]] = [None] * len(pairs)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            rows = [(pairs[i][0] + pairs[i][1])[-(self.max_length + 1) :] for i in chunk]
+            width = max(len(r) for r in rows)
+            batch = np.zeros((len(rows), width), dtype=np.int32)
+            for j, row in enumerate(rows):
+                batch[j, : len(row)] = row
+            logits = self.model(mx.array(batch[:, :-1])).astype(mx.float32)
+            log_probs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            log_probs = np.asarray(log_probs, dtype=np.float64)
+            for j, i in enumerate(chunk):
+                n_cont, n = len(pairs[i][1]), len(rows[j])
+                positions = np.arange(n - 1 - n_cont, n - 1)
+                targets = np.asarray(rows[j][-n_cont:]) if n_cont else np.zeros(0, dtype=int)
+                picked = log_probs[j, positions, targets]
+                greedy = bool(np.all(log_probs[j, positions].argmax(axis=-1) == targets))
+                out[i] = (float(picked.sum()), greedy)
+        return out
+
+    def loglikelihood_rolling(self, requests) -> List[float]:
+        out = []
+        for r in requests:
+            tokens = self.tokenizer.encode(r.args[0])
+            if not tokens or tokens[0] != self.tokenizer.bos_id:  # something to condition the first token on
+                tokens = [min(self.tokenizer.eos_ids)] + tokens
+            nll, _ = scored_nlls(self.model, tokens, self.max_length, batch_size=self.batch_size)
+            out.append(-float(nll.sum()))
+        return out
+
+    # -- generation -----------------------------------------------------------------------------------------------
+
+    def generate_until(self, requests) -> List[str]:
+        out = []
+        for r in requests:
+            context, kwargs = r.args
+            kwargs = dict(kwargs or {})
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_tokens = int(kwargs.get("max_gen_toks", self.max_gen_toks))
+            prompt = self.tokenizer.encode(context)[-max(1, self.max_length - max_tokens) :]
+            sampling = SamplingParams(temp=float(kwargs.get("temperature", 0.0) or 0.0))
+            text = generate(self.model, self.tokenizer, prompt, max_tokens=max_tokens, sampling=sampling, stop=until)
+            for stop in until:  # generation stops at a stop string; lm-eval wants the text before it
+                text = text.split(stop)[0]
+            out.append(text)
+        return out
