@@ -129,3 +129,20 @@ def tiny_sp_model() -> bytes:
 def tiny_model_dir(tmp_path_factory, tiny_sp_model) -> Path:
     config = tiny_config()
     return write_model_dir(tmp_path_factory.mktemp("tiny") / "OpenELM-tiny", config, random_weights(config), tiny_sp_model)
+
+
+@pytest.fixture(scope="session")
+def demo():
+    """The bundled demo model in float32, loaded once (tests only read it)."""
+    from elm_mlx.demo import DEMO_DIR
+    from elm_mlx.load import load
+
+    return load(str(DEMO_DIR), dtype="float32", verbose=False)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_model_dir):
+    """The tiny OpenELM of tiny_model_dir, loaded once (tests only read it)."""
+    from elm_mlx.load import load
+
+    return load(str(tiny_model_dir), verbose=False)

@@ -32,13 +32,6 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def demo():
-    if not (DEMO_DIR / "model.safetensors").exists():
-        pytest.skip("the demo model is not built")
-    return load(str(DEMO_DIR), dtype="float32")
-
-
-@pytest.fixture(scope="module")
 def olmo(tmp_path_factory, tiny_sp_model):
     config = {
         "model_type": "olmo",
@@ -54,11 +47,6 @@ def olmo(tmp_path_factory, tiny_sp_model):
     }
     path = write_model_dir(tmp_path_factory.mktemp("olmo") / "olmo-tiny", config, random_weights(config, seed=3), tiny_sp_model)
     return load(str(path))
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    return load(str(tiny_model_dir))
 
 
 def alone(model, tokenizer, prompt, **kwargs):

@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import TINY_VOCAB
-from elm_mlx import ElmError, SamplingParams, load, stream_generate
+from elm_mlx import ElmError, SamplingParams, stream_generate
 from elm_mlx.cache import KEEP_TOKENS, KVCache, KVOptions, PromptCache, QuantizedKVCache, RotatingKVCache, make_cache
-from elm_mlx.demo import DEMO_DIR
 from elm_mlx.generation import prefill_chunk
 
 GREEDY = SamplingParams(temp=0)
@@ -24,18 +23,6 @@ PROMPTS = [
     "ROMEO:",
     "KING HENRY:\nWhat say you, lords",
 ]
-
-
-@pytest.fixture(scope="module")
-def demo():
-    if not (DEMO_DIR / "model.safetensors").exists():
-        pytest.skip("the demo model is not built")
-    return load(str(DEMO_DIR), dtype="float32", verbose=False)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    return load(str(tiny_model_dir), verbose=False)
 
 
 def tokens(model, tokenizer, prompt, max_tokens, **kwargs):

@@ -35,18 +35,6 @@ SYSTEM = (
 QUESTIONS = ["ROMEO:", "JULIET:\nO Romeo", "KING HENRY:\nWhat say you", "All:\nResolved. resolved."]
 
 
-@pytest.fixture(scope="module")
-def demo():
-    if not (DEMO_DIR / "model.safetensors").exists():
-        pytest.skip("the demo model is not built")
-    return load(str(DEMO_DIR), dtype="float32", verbose=False)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    return load(str(tiny_model_dir), verbose=False)
-
-
 def common_prefix(a, b) -> int:
     n = 0
     for x, y in zip(a, b):

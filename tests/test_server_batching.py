@@ -13,8 +13,6 @@ import pytest
 
 uvicorn = pytest.importorskip("uvicorn")
 
-from elm_mlx.demo import DEMO_DIR  # noqa: E402
-from elm_mlx.load import load  # noqa: E402
 from elm_mlx.server import BatchedEngine, Engine, make_app  # noqa: E402
 
 PROMPTS = [
@@ -33,11 +31,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def demo():
-    return load(str(DEMO_DIR), dtype="float32", verbose=False)
 
 
 def serve(engine):
