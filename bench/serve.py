@@ -30,7 +30,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import List, Optional
 
-from elm_mlx import files
 from elm_mlx.cli import ArgumentParser, check_output_path, int_at_least, one_line
 from elm_mlx.errors import ElmError
 from elm_mlx.files import atomic_directory
@@ -39,9 +38,6 @@ REPO = Path(__file__).resolve().parents[1]
 LLAMA_TOKENIZER = REPO.parent / "shared" / "assets" / "llama2-tokenizer.model"
 HOST = "127.0.0.1"
 PLOT = "aggregate_tps.png"
-# --force replaces only a directory of known elm-mlx outputs; the plot's name is added here until
-# elm_mlx/files.py lists it itself.
-files.OUTPUT_FILES = files.OUTPUT_FILES | {PLOT}
 PROMPT_ROOM = 64  # tokens kept for a prompt (they are 20 to 40 long)
 
 SPEAKERS = ["ROMEO", "JULIET", "HAMLET", "KING LEAR", "MACBETH", "OTHELLO", "PORTIA", "PROSPERO", "VIOLA", "BRUTUS", "FALSTAFF"]
