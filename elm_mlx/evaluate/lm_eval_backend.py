@@ -1,4 +1,10 @@
-"""elm-mlx as an lm-evaluation-harness model: `lm_eval --model elm-mlx --model_args model=...`.
+"""elm-mlx as an lm-evaluation-harness model registered as `elm-mlx`.
+
+    python -m elm_mlx.evaluate.lm_eval_backend --model elm-mlx --model_args model=M,q_bits=4 --tasks ...
+
+takes lm-eval's own arguments (lm-eval finds no models outside its package, so
+plain `lm_eval --model elm-mlx` works only where this module was imported);
+`elm-mlx evaluate tasks` is the shorter way.
 
 lm-eval asks three questions of a model; each is answered with elm-mlx's own
 model and tokenizer:
@@ -128,3 +134,11 @@ class ElmMLX(LM):
                 text = text.split(stop)[0]
             out.append(text)
         return out
+
+
+if __name__ == "__main__":
+    # lm-eval looks models up only among its own modules (no plugins), so `lm_eval --model elm-mlx` cannot
+    # find this one; `python -m elm_mlx.evaluate.lm_eval_backend ARGS` is lm-eval's command line with it registered.
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
