@@ -213,7 +213,12 @@ def test_variants_are_parsed_and_unknown_ones_refused_by_name():
         ("q4g32", None, 4, 32, None),
         ("mixed", None, 4, 64, "mixed-4-6"),
     ]
-    for bad, message in [("q7", "unknown variant 'q7'"), ("q4g48", "unknown variant 'q4g48'"), ("q8,q8", "named twice"), (",", "no variant")]:
+    for bad, message in [
+        ("q7", "unknown variant 'q7'"),
+        ("q4g48", "unknown variant 'q4g48'"),
+        ("q8,q8", "named twice"),
+        (",", "no variant"),
+    ]:
         with pytest.raises(ElmError, match=message):
             parse_variants(bad)
 
@@ -245,7 +250,9 @@ def test_a_bad_jsonl_line_is_named_by_file_and_line(env, tmp_path):
 
 def test_missing_data_and_no_subcommand_are_usage_errors(env, tmp_path):
     bare = evaluate(env=env)
-    assert bare.returncode == 2 and error_lines(bare) == ["elm-mlx evaluate: error: the following arguments are required: COMMAND (see --help)"]
+    assert bare.returncode == 2 and error_lines(bare) == [
+        "elm-mlx evaluate: error: the following arguments are required: COMMAND (see --help)"
+    ]
     missing = evaluate("perplexity", "--data", str(tmp_path / "nope.txt"), "--no-verbose", env=env)
     assert missing.returncode == 1 and error_lines(missing) == [f"error: data file {tmp_path / 'nope.txt'} does not exist"]
 
@@ -275,7 +282,12 @@ def continuation_log_prob(model, tokenizer, context, continuation, keep=None):
 
 
 def test_loglikelihood_sums_the_continuations_log_probs_in_any_batch_order(backend):
-    pairs = [("ROMEO:", " But soft"), ("JULIET:\nO Romeo, Romeo,", " wherefore art thou"), ("KING:", " Now"), ("First Citizen:\n", "Speak, speak.")]
+    pairs = [
+        ("ROMEO:", " But soft"),
+        ("JULIET:\nO Romeo, Romeo,", " wherefore art thou"),
+        ("KING:", " Now"),
+        ("First Citizen:\n", "Speak, speak."),
+    ]
     got = backend.loglikelihood([Request(*p) for p in pairs])
     for (context, continuation), (log_prob, _) in zip(pairs, got):
         assert log_prob == pytest.approx(continuation_log_prob(backend.model, backend.tokenizer, context, continuation), rel=1e-5)
@@ -285,8 +297,8 @@ def test_loglikelihood_says_when_greedy_decoding_gives_the_continuation(backend)
     tokens = backend.tokenizer.encode("ROMEO:")
     greedy = int(mx.argmax(backend.model(mx.array([tokens]))[0, -1]).item())
     continuation = backend.tokenizer.decode(tokens + [greedy])[len(backend.tokenizer.decode(tokens)) :]
-    (_, is_greedy), = backend.loglikelihood([Request("ROMEO:", continuation)])
-    (_, other), = backend.loglikelihood([Request("ROMEO:", " zzzz")])
+    ((_, is_greedy),) = backend.loglikelihood([Request("ROMEO:", continuation)])
+    ((_, other),) = backend.loglikelihood([Request("ROMEO:", " zzzz")])
     assert is_greedy and not other
 
 
@@ -295,7 +307,7 @@ def test_a_context_longer_than_the_window_loses_its_oldest_tokens(backend):
     saved = backend.max_length
     backend.max_length = 64
     try:
-        (log_prob, _), = backend.loglikelihood([Request(context, " JULIET")])
+        ((log_prob, _),) = backend.loglikelihood([Request(context, " JULIET")])
     finally:
         backend.max_length = saved
     assert log_prob == pytest.approx(continuation_log_prob(backend.model, backend.tokenizer, context, " JULIET", keep=65), rel=1e-5)
@@ -306,7 +318,9 @@ def test_rolling_loglikelihood_is_minus_the_sum_of_every_tokens_nll(backend):
     tokens = backend.tokenizer.encode(text)
     assert len(tokens) > backend.max_length  # more than one window
     (got,) = backend.loglikelihood_rolling([Request(text)])
-    assert got == pytest.approx(-direct_mean_nll(backend.model, tokens, backend.max_length, backend.max_length) * (len(tokens) - 1), rel=1e-5)
+    assert got == pytest.approx(
+        -direct_mean_nll(backend.model, tokens, backend.max_length, backend.max_length) * (len(tokens) - 1), rel=1e-5
+    )
 
 
 def test_generate_until_stops_before_the_stop_sequence(backend):
@@ -340,7 +354,8 @@ def test_a_local_multiple_choice_task_scores_what_the_loglikelihoods_say(backend
     task = write_choice_task(tmp_path, docs)
     expected = []
     for d in docs:
-        scores = [continuation_log_prob(backend.model, backend.tokenizer, d["question"], " " + c) for c in d["choices"]]  # lm-eval joins them with a space
+        # lm-eval puts a space between the question and each choice
+        scores = [continuation_log_prob(backend.model, backend.tokenizer, d["question"], " " + c) for c in d["choices"]]
         expected.append(float(np.argmax(scores) == d["answer"]))
     output = tmp_path / "results.json"
     result = evaluate("tasks", "--tasks", str(task), "--dtype", "float32", "--output", str(output), "--no-verbose", env=env)
@@ -352,9 +367,9 @@ def test_a_local_multiple_choice_task_scores_what_the_loglikelihoods_say(backend
 
 def test_an_unknown_task_is_one_line(backend, env):
     result = evaluate("tasks", "--tasks", "no_such_task_anywhere", "--no-verbose", env=env)
-    assert result.returncode == 1 and error_lines(result) == [
-        "error: unknown task no_such_task_anywhere; `lm_eval ls tasks` lists them"
-    ], result.stderr
+    assert result.returncode == 1 and error_lines(result) == ["error: unknown task no_such_task_anywhere; `lm_eval ls tasks` lists them"], (
+        result.stderr
+    )
 
 
 def test_without_lm_eval_the_tasks_command_says_which_extra_to_install(monkeypatch):

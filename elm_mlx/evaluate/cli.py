@@ -1,8 +1,8 @@
-"""`elm-mlx evaluate`: perplexity of a model on a text, and of its quantized variants side by side.
+"""`elm-mlx evaluate`: perplexity of a model on a text, of its quantized variants side by side, and accuracy on lm-eval tasks.
 
-    elm-mlx evaluate perplexity --model M --data FILE [--context N] [--stride S] [--batch-size B]
-    elm-mlx evaluate compare --model M --data FILE --variants float32,q8,q4,mixed [--out DIR]
-    elm-mlx evaluate tasks --model M --tasks openelm|NAMES|YAML|DIR [--limit N] [--num-fewshot K] [--output FILE]
+elm-mlx evaluate perplexity --model M --data FILE [--context N] [--stride S] [--batch-size B]
+elm-mlx evaluate compare --model M --data FILE --variants float32,q8,q4,mixed [--out DIR]
+elm-mlx evaluate tasks --model M --tasks openelm|NAMES|YAML|DIR [--limit N] [--num-fewshot K] [--output FILE]
 """
 
 import json
@@ -96,7 +96,9 @@ def build_parser() -> ArgumentParser:
     add_verbose_option(cmp, "print which model is used and a progress bar per variant")
 
     tasks = sub.add_parser(
-        "tasks", help="accuracy on lm-evaluation-harness tasks", description="Accuracy on lm-evaluation-harness tasks (needs the [eval] extra)."
+        "tasks",
+        help="accuracy on lm-evaluation-harness tasks",
+        description="Accuracy on lm-evaluation-harness tasks (needs the [eval] extra).",
     )
     add_model_options(tasks)
     tasks.add_argument(
@@ -106,7 +108,9 @@ def build_parser() -> ArgumentParser:
         "zero-shot tasks (no default)",
     )
     tasks.add_argument("--limit", type=positive_int, default=None, help="at most this many examples per task (default: all)")
-    tasks.add_argument("--num-fewshot", type=non_negative_int, default=None, help="examples shown before each question (default: the task's)")
+    tasks.add_argument(
+        "--num-fewshot", type=non_negative_int, default=None, help="examples shown before each question (default: the task's)"
+    )
     tasks.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH, help="requests per forward pass (default: %(default)s)")
     tasks.add_argument("--output", help="write lm-eval's results JSON to this file (default: none)")
     add_verbose_option(tasks, "print which model is used")
@@ -225,7 +229,13 @@ def run_tasks(args) -> None:
     lm = ElmMLX(loaded=(model, tokenizer), batch_size=args.batch_size)
     try:
         results = lm_eval.simple_evaluate(
-            model=lm, tasks=names, num_fewshot=args.num_fewshot, limit=args.limit, task_manager=manager, log_samples=False, verbosity="ERROR"
+            model=lm,
+            tasks=names,
+            num_fewshot=args.num_fewshot,
+            limit=args.limit,
+            task_manager=manager,
+            log_samples=False,
+            verbosity="ERROR",
         )
     except ConnectionError as e:  # the data sets come from the Hugging Face hub
         raise ElmError(f"could not fetch a task's data set ({e}); offline, only tasks with local data files run") from None
@@ -249,7 +259,9 @@ def accuracy_table(results: dict, names: List[str], model: str) -> str:
             accs.append(100 * (norm if norm is not None else acc))
     if accs:
         paper = PAPER_AVERAGE.get(model) if names == OPENELM_TASKS else None
-        lines.append(f"| average (acc_norm where there is one) | {sum(accs) / len(accs):.2f} | |" + (f" paper: {paper:.2f}" if paper else ""))
+        lines.append(
+            f"| average (acc_norm where there is one) | {sum(accs) / len(accs):.2f} | |" + (f" paper: {paper:.2f}" if paper else "")
+        )
     return "\n".join(lines) + "\n"
 
 
