@@ -17,8 +17,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .errors import ElmError
 from .chat_template import TemplateError, render_template
+from .errors import ElmError
 
 # Zephyr-style format of the -Instruct models: a role tag line, the content,
 # the eos token; generation is prompted with a final assistant tag.

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-
 # Commands say once when MLX runs on its slow reference BLAS. Tests that count stderr lines must not
 # depend on whether this machine has OpenBLAS; the notice's own tests turn it back on.
 os.environ["ELM_MLX_BLAS_NOTICE"] = "0"

@@ -15,13 +15,13 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
-from terminal import Terminal
 
 from elm_mlx.commands import COMMANDS
 from elm_mlx.demo import DEMO_NAME
 from elm_mlx.load import load
 from elm_mlx.lora.adapters import ADAPTER_FILE, CONFIG_FILE, adapter_meta
 from elm_mlx.lora.layers import add_adapters
+from terminal import Terminal
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(sys.executable).parent / "elm-mlx"
@@ -52,7 +52,7 @@ def test_the_console_script_lists_every_command(env):
         pytest.skip(f"{SCRIPT} is absent: run `pip install -e .` to install the elm-mlx console script")
     result = subprocess.run([str(SCRIPT), "--help"], capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == 0, result.stderr
-    for name in ("generate", "chat", "serve", "convert", "lora", "fuse", "bench", "cache-prompt"):
+    for name in ("generate", "chat", "serve", "convert", "lora", "fuse", "bench", "cache-prompt", "evaluate"):
         assert re.search(rf"^  {name} +\S", result.stdout, re.M), result.stdout
     bare = subprocess.run([str(SCRIPT)], capture_output=True, text=True, env=env, timeout=60)
     assert bare.returncode == 2 and "commands:" in bare.stdout
@@ -101,6 +101,7 @@ def test_a_mistyped_flag_is_named_not_a_missing_required_one(env):
         ("lora", 2, "the following arguments are required: --data"),
         ("fuse", 1, "adapters is not an adapter directory"),
         ("cache-prompt", 2, "the following arguments are required: --prompt/-p, --prompt-cache-file"),
+        ("evaluate", 2, "the following arguments are required: COMMAND"),
     ],
 )
 def test_commands_that_need_an_input_say_which_in_one_line(name, code, needle, env, tmp_path):

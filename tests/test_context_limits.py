@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-from hostile import run_limited
 
 from conftest import random_weights, tiny_config, write_model_dir
 from elm_mlx.chat import ChatSession
@@ -17,6 +16,7 @@ from elm_mlx.errors import ElmError
 from elm_mlx.generation import Cancelled, ContextLengthError, generate_step, stream_generate
 from elm_mlx.load import load
 from elm_mlx.sample import SamplingParams, make_sampler
+from hostile import run_limited
 
 REPO = Path(__file__).resolve().parents[1]
 GREEDY = SamplingParams(temp=0)

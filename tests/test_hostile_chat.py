@@ -12,9 +12,8 @@ import json
 
 import mlx.core as mx
 import pytest
-from tokenizers import AddedToken
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as RustTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from conftest import _training_text, tiny_config
 from elm_mlx.chat import ChatSession

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from hostile import python_code, run_limited
 
 RUNNER = r"""

@@ -9,11 +9,11 @@ import json
 import sys
 
 import pytest
-from hostile import run_limited
 
 from conftest import REFERENCE_CONFIGS, need_shared, random_weights, tiny_config, write_model_dir
 from elm_mlx.errors import ConfigError
 from elm_mlx.models import architecture, olmo, openelm
+from hostile import run_limited
 
 NAN, INF = float("nan"), float("inf")
 # Values wrong for any integer field: bool, float, string, null, list, NaN, negative, zero, huge.

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hostile import run_limited
 
 from conftest import tiny_config
 from convert.torch_pickle import load_torch_state_dict
 from elm_mlx.errors import ElmError
+from hostile import run_limited
 
 MEMORY = 1500 << 20
 

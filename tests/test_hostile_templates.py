@@ -15,9 +15,9 @@ import time
 
 import pytest
 
-from hostile import python_code, run_limited
 from elm_mlx.chat_template import TemplateError, render_template
 from elm_mlx.tokenizer import load_tokenizer
+from hostile import python_code, run_limited
 
 BIG = "{% set s = 'a' * 4000000 %}"  # the largest value a template may build
 FOREVER = "{% for i in range(100000) %}{% for j in range(100000) %}"

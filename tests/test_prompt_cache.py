@@ -13,7 +13,6 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-from hostile import run_limited
 from mlx.utils import tree_map
 
 from conftest import TINY_VOCAB
@@ -22,6 +21,7 @@ from elm_mlx.batching import BatchEngine, Request, batch_generate
 from elm_mlx.cache import PromptCache, PromptStore, default_prompt_cache_bytes, physical_memory
 from elm_mlx.cache_prompt import kv_layout, load_prompt_cache, model_identity
 from elm_mlx.demo import DEMO_DIR
+from hostile import run_limited
 
 cache_prompt = importlib.import_module("elm_mlx.cache_prompt")
 generate = importlib.import_module("elm_mlx.generate")

@@ -15,12 +15,11 @@ import pytest
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-from terminal import Terminal  # noqa: E402
-
 from conftest import random_weights, tiny_config, write_model_dir  # noqa: E402
 from elm_mlx.cache import PromptCache  # noqa: E402
 from elm_mlx.load import load  # noqa: E402
 from elm_mlx.server import Engine, make_app  # noqa: E402
+from terminal import Terminal  # noqa: E402
 
 
 def free_port() -> int:
