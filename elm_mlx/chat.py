@@ -14,7 +14,7 @@ import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
@@ -33,6 +33,7 @@ from .options import (
     load_from_args,
     notice,
     sampling_from_args,
+    unescape,
 )
 from .sample import SamplingParams
 from .tokenizer import Tokenizer
@@ -114,10 +115,10 @@ class ChatSession:
             self.notice(f"(the conversation outgrew the {limit}-token context: dropped the oldest {dropped} turn{'s' * (dropped > 1)})")
         return prompt, min(max_tokens, limit - len(prompt))
 
-    def ask(self, user_text: str, max_tokens: int, sampling: SamplingParams):
+    def ask(self, user_text: str, max_tokens: int, sampling: SamplingParams, stop: Sequence[str] = ()):
         """Stream the answer; the turn is recorded even when the caller stops early."""
         prompt, budget = self.fitted_prompt(user_text, max_tokens)
-        responses = stream_generate(self.model, self.tokenizer, prompt, budget, sampling, prompt_cache=self.prompt_cache)
+        responses = stream_generate(self.model, self.tokenizer, prompt, budget, sampling, stop=stop, prompt_cache=self.prompt_cache)
         answer, r = [], None
         try:
             for r in responses:
@@ -206,7 +207,9 @@ def command(session: ChatSession, text: str, model_name: str, sampling: Sampling
     return f"(unknown command {one_line(name, 40)}; {HELP})"
 
 
-def repl(session: ChatSession, max_tokens: int, sampling: SamplingParams, stats: bool, model_name: str = "model") -> None:
+def repl(
+    session: ChatSession, max_tokens: int, sampling: SamplingParams, stats: bool, model_name: str = "model", stop: Sequence[str] = ()
+) -> None:
     # Ctrl-C is part of this program's interface. A shell starts background jobs with SIGINT
     # ignored, and Python then leaves it ignored; take it back.
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -230,7 +233,7 @@ def repl(session: ChatSession, max_tokens: int, sampling: SamplingParams, stats:
             print(reply, file=sys.stderr)
             continue
         last = None
-        answer = session.ask(line, max_tokens, sampling)
+        answer = session.ask(line, max_tokens, sampling, stop)
         try:
             for last in answer:
                 sys.stdout.write(last.text)
@@ -251,7 +254,7 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m elm_mlx.chat", description="Chat with a model in the terminal (best with -Instruct models).")
     add_model_options(p)
     p.add_argument("--system", "--system-prompt", help="system prompt (default: none)")
-    add_generation_options(p, "most tokens per answer, within the context (default: %(default)s)", max_tokens_default=512, stop=False)
+    add_generation_options(p, "most tokens per answer, within the context (default: %(default)s)", max_tokens_default=512)
     add_sampling_options(p, repetition_penalty=1.2)
     add_kv_options(p)
     p.add_argument(
@@ -269,7 +272,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.seed is not None:
         mx.random.seed(args.seed)
     session = ChatSession(model, tokenizer, args.system, notice=notice, kv=kv)  # refuses a group size the heads do not split into
-    repl(session, args.max_tokens, sampling, args.stats, model_name=_display_name(model_name))
+    repl(session, args.max_tokens, sampling, args.stats, model_name=_display_name(model_name), stop=[unescape(t) for t in args.stop])
 
 
 def _display_name(model_name: str) -> str:

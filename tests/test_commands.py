@@ -256,3 +256,13 @@ def test_the_generate_command_module_does_not_shadow_the_generate_function():
 
     assert callable(generate) and generate.__module__ == "elm_mlx.generation"
     assert importlib.import_module("elm_mlx.generate").main  # the command is still there
+
+
+def test_chat_takes_stop_strings_like_generate(env):
+    common = ["chat", "--temp", "0", "-m", "60", "--no-verbose"]
+    stopped = elm_mlx(*common, "--stop", "\\n", env=env, stdin="the king\n/exit\n")
+    free = elm_mlx(*common, env=env, stdin="the king\n/exit\n")
+    assert stopped.returncode == 0 and free.returncode == 0, stopped.stderr + free.stderr
+    answer, full = stopped.stdout.split(">>> ")[1], free.stdout.split(">>> ")[1]
+    assert answer.count("\n") == 1 and full.count("\n") > 1  # the answer ended at its first newline
+    assert full.startswith(answer.rstrip("\n") + "\n")  # the same answer, cut where the stop string began
