@@ -151,12 +151,9 @@ def session_stats(session: ChatSession, model_name: str) -> str:
 
 def save_transcript(session: ChatSession, model_name: str, sampling: SamplingParams, file: str) -> str:
     """Write the conversation as JSON, whole or not at all. An existing file is replaced only if it is a transcript of ours."""
+    if "\x00" in file:
+        raise ElmError("a file name cannot contain a NUL character")
     path = Path(file).expanduser()
-    if path.is_dir():
-        raise ElmError(f"{path} is a directory; /save needs a file name")
-    if path.exists() or path.is_symlink():
-        if path.is_symlink() or not _is_transcript(path):
-            raise ElmError(f"{path} already exists and is not a chat transcript; choose another name")
     record = {
         "format": TRANSCRIPT_FORMAT,
         "model": model_name,
@@ -164,9 +161,14 @@ def save_transcript(session: ChatSession, model_name: str, sampling: SamplingPar
         "sampling": asdict(sampling),
         "messages": session.messages,
     }
-    try:
+    try:  # even looking at the path can fail (a name too long, a permission on the way)
+        if path.is_dir():
+            raise ElmError(f"{path} is a directory; /save needs a file name")
+        if path.is_symlink() or (path.exists() and not _is_transcript(path)):
+            raise ElmError(f"{path} already exists and is not a chat transcript; choose another name")
         write_text_atomically(path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     except OSError as e:
+        e.filename, e.filename2 = str(path), None  # the user's file, not the temporary beside it
         raise ElmError(describe_os_error(e)) from None
     return str(path)
 

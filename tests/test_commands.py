@@ -266,3 +266,27 @@ def test_chat_takes_stop_strings_like_generate(env):
     answer, full = stopped.stdout.split(">>> ")[1], free.stdout.split(">>> ")[1]
     assert answer.count("\n") == 1 and full.count("\n") > 1  # the answer ended at its first newline
     assert full.startswith(answer.rstrip("\n") + "\n")  # the same answer, cut where the stop string began
+
+
+def test_chat_save_refuses_hostile_paths_in_one_line_and_the_session_goes_on(env, tmp_path):
+    (tmp_path / "theirs.txt").write_text("theirs")
+    (tmp_path / "link.json").symlink_to(tmp_path / "theirs.txt")
+    commands = [
+        f"/save {tmp_path / 'link.json'}",  # a symlink, even to a file we could write
+        f"/save {tmp_path / 'theirs.txt'}",  # somebody else's file
+        f"/save {tmp_path / 'missing' / 'x.json'}",  # a directory on the way is missing
+        f"/save {tmp_path / ('a' * 300)}.json",  # a name too long for the file system
+        f"/save {tmp_path}",  # a directory
+        "/save a\x00b.json",  # a NUL byte
+        f"/save {tmp_path / 'ok.json'}",  # and then a good one still works
+        "/exit",
+    ]
+    result = elm_mlx("chat", "--no-verbose", env=env, cwd=tmp_path, stdin="\n".join(commands) + "\n")
+    assert result.returncode == 0 and "Traceback" not in result.stderr and "internal error" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 6, result.stderr
+    assert "not a chat transcript" in errors[0] and "not a chat transcript" in errors[1]
+    assert errors[2] == f"error: {tmp_path / 'missing' / 'x.json'} does not exist (or a directory on its way is missing)"
+    assert "file name too long" in errors[3] and "is a directory" in errors[4] and "NUL" in errors[5]
+    assert (tmp_path / "theirs.txt").read_text() == "theirs" and (tmp_path / "link.json").is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "ok.json", "theirs.txt"]  # nothing half-written
