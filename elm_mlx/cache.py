@@ -22,7 +22,25 @@ import numpy as np
 from .errors import ElmError
 
 
-class KVCache:
+class _Stored:
+    """What every cache here reports: the arrays it holds (`keys`/`values`, each an array or, quantized, a
+    tuple of arrays), for mx.eval, and their bytes."""
+
+    keys = values = None
+
+    @property
+    def state(self) -> List[mx.array]:
+        """Arrays to pass to mx.eval to materialise the cache."""
+        if self.keys is None:
+            return []
+        return [a for part in (self.keys, self.values) for a in (part if isinstance(part, (tuple, list)) else (part,))]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.state)
+
+
+class KVCache(_Stored):
     step = 256
 
     def __init__(self):
@@ -62,17 +80,8 @@ class KVCache:
         """The (1, heads, offset, dim) keys and values held, as copies (the storage's spare blocks stay behind)."""
         return mx.contiguous(self.keys[..., : self.offset, :]), mx.contiguous(self.values[..., : self.offset, :])
 
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
-    @property
-    def state(self) -> List[mx.array]:
-        """Arrays to pass to mx.eval to materialise the cache."""
-        return [] if self.keys is None else [self.keys, self.values]
-
-
-class RotatingKVCache:
+class RotatingKVCache(_Stored):
     """Keys and values of the first `keep` tokens and of the most recent ones, `max_size` in all.
 
     Every token attends to the `keep` first tokens (which draw much of the
@@ -144,16 +153,8 @@ class RotatingKVCache:
             self.offset -= n
         return n
 
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
-    @property
-    def state(self) -> List[mx.array]:
-        return [] if self.keys is None else [self.keys, self.values]
-
-
-class QuantizedKVCache:
+class QuantizedKVCache(_Stored):
     """Keys and values stored quantized (mx.quantize, `bits` per number, one scale and bias per `group_size`).
 
     Attention reads them dequantized: every step dequantizes the whole cache,
@@ -202,14 +203,6 @@ class QuantizedKVCache:
         n = min(self.offset, n)
         self.offset -= n
         return n
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else sum(p.nbytes for p in (*self.keys, *self.values))
-
-    @property
-    def state(self) -> List[mx.array]:
-        return [] if self.keys is None else [*self.keys, *self.values]
 
 
 LayerCache = Union[KVCache, RotatingKVCache, QuantizedKVCache]
@@ -284,7 +277,7 @@ def attention_mask(cache: Sequence[LayerCache], n: int) -> Optional[mx.array]:
     return first.mask(n) if isinstance(first, RotatingKVCache) else None
 
 
-class BatchKVCache:
+class BatchKVCache(_Stored):
     """One layer's keys and values for a batch of sequences of different lengths, right-aligned.
 
     Row b holds its sequence in columns [padding[b], size); every row's next
@@ -395,14 +388,6 @@ class BatchKVCache:
         self.padding = [p + left for p in self.padding]
         self.size += left
         self._offset = None
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
-
-    @property
-    def state(self) -> List[mx.array]:
-        return [] if self.keys is None else [self.keys, self.values]
 
 
 class PromptCache:
