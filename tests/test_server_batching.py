@@ -214,3 +214,35 @@ def test_kv_options_with_batching_are_refused_in_one_line():
     assert result.returncode == 1 and result.stderr.strip() == (
         "error: --max-kv-size and --kv-bits need --max-batch 1: the batched cache keeps every key and value in full"
     )
+
+
+@pytest.mark.parametrize(
+    "fields, status",
+    [
+        ({"seed": 2**64 - 1, "temperature": 1.0}, 200),
+        ({"seed": 0, "temperature": 2.0, "top_p": 5e-324}, 200),
+        ({"seed": 2**64}, 400),
+        ({"logprobs": 20, "temperature": 5e-324}, 200),
+        ({"repetition_penalty": 1e-3, "logprobs": 5}, 200),
+        ({"max_tokens": 509}, 200),  # 3 prompt tokens + 509 = the 512-token context
+        ({"max_tokens": 510}, 400),
+        ({"prompt": [1] * 511, "max_tokens": 1}, 200),
+        ({"prompt": [99999]}, 400),
+        ({"prompt": ""}, 400),
+        ({"stop": ["\n"] * 16}, 200),
+    ],
+)
+def test_values_at_the_edges_through_the_batching_worker(demo, fields, status):
+    """The batched worker is the default: the request edges the serial worker is tested with hold here too."""
+    from starlette.testclient import TestClient
+
+    model, tokenizer = demo
+    client = TestClient(make_app(BatchedEngine(model, tokenizer, "demo", max_batch=4), max_tokens_limit=512))
+    reply = client.post("/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 5, **fields})
+    assert reply.status_code == status, reply.text
+
+    def refuse(constant):
+        raise ValueError(f"non-finite number {constant} in JSON")
+
+    body = json.loads(reply.text, parse_constant=refuse)
+    assert ("choices" in body) == (status == 200) and ("error" in body) == (status == 400)
