@@ -1,10 +1,11 @@
 """elm-mlx as an lm-evaluation-harness model registered as `elm-mlx`.
 
-    python -m elm_mlx.evaluate.lm_eval_backend --model elm-mlx --model_args model=M,q_bits=4 --tasks ...
+    python -m elm_mlx.evaluate.lm_eval_backend run --model elm-mlx --model_args model=M,q_bits=4 --tasks ...
 
-takes lm-eval's own arguments (lm-eval finds no models outside its package, so
-plain `lm_eval --model elm-mlx` works only where this module was imported);
-`elm-mlx evaluate tasks` is the shorter way.
+is lm-eval's own command line with this model registered. lm-eval 0.4.13 looks
+models up only among its own modules, so plain `lm_eval --model elm-mlx` cannot
+find it there; releases that read the `lm_eval.models` entry-point group (which
+pyproject.toml declares) can. `elm-mlx evaluate tasks` is the shorter way.
 
 lm-eval asks three questions of a model; each is answered with elm-mlx's own
 model and tokenizer:
@@ -15,28 +16,29 @@ model and tokenizer:
   oldest tokens, as lm-eval expects.
 - loglikelihood_rolling: log p of a whole text, scored in windows of the
   context length (the same windows as `elm-mlx evaluate perplexity`).
-- generate_until: greedy text up to a stop sequence, through elm-mlx's
-  generation loop.
+- generate_until: text up to a stop sequence, through the batching core
+  (elm_mlx.batching.batch_generate): requests that share stops, length and
+  temperature are decoded together, longest prompt first.
 
 Importing this module needs lm-eval (`pip install -e '.[eval]'`); the
 `elm-mlx evaluate tasks` command says so in one line when it is missing.
 """
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from ..generation import context_length, generate
+from ..batching import batch_generate
+from ..generation import context_length
 from ..sample import SamplingParams
 from .perplexity import scored_nlls
 
 DEFAULT_MAX_GEN_TOKENS = 256
 
 
-@register_model("elm-mlx")
 class ElmMLX(LM):
     def __init__(
         self,
@@ -120,25 +122,41 @@ class ElmMLX(LM):
     # -- generation -----------------------------------------------------------------------------------------------
 
     def generate_until(self, requests) -> List[str]:
-        out = []
-        for r in requests:
+        groups: Dict[Tuple, List[int]] = {}
+        prompts: List[List[int]] = []
+        for i, r in enumerate(requests):
             context, kwargs = r.args
             kwargs = dict(kwargs or {})
             until = kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_tokens = int(kwargs.get("max_gen_toks", self.max_gen_toks))
-            prompt = self.tokenizer.encode(context)[-max(1, self.max_length - max_tokens) :]
-            sampling = SamplingParams(temp=float(kwargs.get("temperature", 0.0) or 0.0))
-            text = generate(self.model, self.tokenizer, prompt, max_tokens=max_tokens, sampling=sampling, stop=until)
-            for stop in until:  # generation stops at a stop string; lm-eval wants the text before it
-                text = text.split(stop)[0]
-            out.append(text)
+            until = (until,) if isinstance(until, str) else tuple(until)
+            max_tokens = max(1, min(int(kwargs.get("max_gen_toks", self.max_gen_toks)), self.max_length - 1))
+            temp = float(kwargs.get("temperature", 0.0) or 0.0) if kwargs.get("do_sample", True) else 0.0
+            prompts.append(self.tokenizer.encode(context)[-(self.max_length - max_tokens) :])  # the oldest tokens go first
+            groups.setdefault((until, max_tokens, temp), []).append(i)
+        out: List[Optional[str]] = [None] * len(requests)
+        for (until, max_tokens, temp), members in groups.items():
+            members.sort(key=lambda i: -len(prompts[i]))
+            results = batch_generate(self.model, self.tokenizer, [prompts[i] for i in members], max_tokens=max_tokens,
+                                     sampling=SamplingParams(temp=temp), stop=list(until), max_batch=self.batch_size)  # fmt: skip
+            for i, result in zip(members, results):
+                out[i] = result.text  # the batching core ends before a stop string and leaves it out
         return out
 
 
+def _register() -> None:
+    """Register ElmMLX as `elm-mlx` under its importable name (not a `python -m` copy named __main__, which would
+    collide with the importable class should anything import this module later)."""
+    register_model("elm-mlx")(ElmMLX)
+
+
 if __name__ == "__main__":
-    # lm-eval looks models up only among its own modules (no plugins), so `lm_eval --model elm-mlx` cannot
-    # find this one; `python -m elm_mlx.evaluate.lm_eval_backend ARGS` is lm-eval's command line with it registered.
+    # `python -m elm_mlx.evaluate.lm_eval_backend ARGS` is lm-eval's command line with the importable module's class
+    # registered (this file also runs as __main__, whose copy of the class stays unregistered).
     from lm_eval.__main__ import cli_evaluate
 
+    from elm_mlx.evaluate.lm_eval_backend import _register as register_importable
+
+    register_importable()
     cli_evaluate()
+else:
+    _register()
