@@ -162,6 +162,7 @@ def test_mlx_lms_lm_eval_model_gives_the_same_loglikelihoods_and_accuracy(backen
     theirs = MLXLM(mlx_model_dir(str(DEMO_DIR), dtype="float32", verbose=False), batch_size=1)
     assert tree_flatten(theirs._model.parameters())[0][1].dtype == mx.float32
     requests = [Request(d["question"], " " + c) for d in CHOICE_DOCS for c in d["choices"]]
+    requests += [Request(TEXT[:i], TEXT[i : i + 40]) for i in (100, 103, 400)]  # split mid-word ("ROM|EO", "s|oft") and at a line break
     ours, other = backend.loglikelihood(requests), theirs.loglikelihood(requests)
     # float32 sums of a few token log-probs (|values| < 40) computed in a different order and batch shape: 1e-4 absolute
     # is ~1e-5 relative, the rounding of float32 logits through six layers, and far below the gaps between choices

@@ -80,11 +80,10 @@ class ElmMLX(LM):
             whole = self.tokenizer.encode(continuation)
             head = whole[:1] if whole and whole[0] == self.tokenizer.bos_id else []
             return head or [min(self.tokenizer.eos_ids)], whole[len(head) :]
+        # The continuation is what the whole text's tokens hold past the context's token count, as lm-eval's hf model
+        # and mlx-lm count it, also when a word split between the two tokenizes differently whole.
         ctx = self.tokenizer.encode(context)
-        whole = self.tokenizer.encode(context + continuation)
-        if whole[: len(ctx)] == ctx:
-            return ctx, whole[len(ctx) :]
-        return ctx, self.tokenizer.encode(continuation, add_bos=False)
+        return ctx, self.tokenizer.encode(context + continuation)[len(ctx) :]
 
     def loglikelihood(self, requests) -> List[Tuple[float, bool]]:
         pairs = [self._pair(*r.args) for r in requests]
