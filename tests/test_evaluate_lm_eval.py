@@ -123,7 +123,7 @@ def test_a_rolling_task_gives_the_perplexities_of_the_direct_computation(backend
 def test_a_generate_until_task_scores_the_hand_decoded_greedy_answers(backend, tasks):
     _, manager, answers = tasks
     assert all(a.strip() and STOP not in a for a in answers)  # each answer is some text that stopped before the stop
-    got = run(backend, manager, "elm_tiny_until", limit=3)["results"]["elm_tiny_until"]
+    got = run(backend, manager, "elm_tiny_until")["results"]["elm_tiny_until"]
     assert got["exact_match,none"] == pytest.approx(2 / 3)
 
 
@@ -156,7 +156,7 @@ def test_generate_until_decodes_in_batches_token_exact_with_one_by_one_greedy(ba
 # -- mlx-lm's lm-eval model on the same task and weights ------------------------------------------------------------
 
 
-def test_mlx_lms_lm_eval_model_gives_the_same_loglikelihoods_and_accuracy(backend, tasks, env):
+def test_mlx_lms_lm_eval_model_gives_the_same_loglikelihoods_and_results(backend, tasks, env):
     from mlx_lm.evaluate import MLXLM
 
     theirs = MLXLM(mlx_model_dir(str(DEMO_DIR), dtype="float32", verbose=False), batch_size=1)
@@ -169,9 +169,12 @@ def test_mlx_lms_lm_eval_model_gives_the_same_loglikelihoods_and_accuracy(backen
     np.testing.assert_allclose([s for s, _ in ours], [s for s, _ in other], atol=1e-4, rtol=0)
     assert [g for _, g in ours] == [bool(g) for _, g in other]
     _, manager, _ = tasks
-    a = run(backend, manager, "elm_tiny_choice")["results"]["elm_tiny_choice"]
-    b = run(theirs, manager, "elm_tiny_choice")["results"]["elm_tiny_choice"]
-    assert a["acc,none"] == b["acc,none"] and 0 < a["acc,none"] < 1
+    names = ["elm_tiny_choice", "elm_tiny_rolling", "elm_tiny_until"]
+    a = lm_eval.simple_evaluate(model=backend, tasks=names, task_manager=manager)["results"]
+    b = lm_eval.simple_evaluate(model=theirs, tasks=names, task_manager=manager)["results"]
+    assert a["elm_tiny_choice"]["acc,none"] == b["elm_tiny_choice"]["acc,none"] and 0 < a["elm_tiny_choice"]["acc,none"] < 1
+    assert a["elm_tiny_rolling"]["word_perplexity,none"] == pytest.approx(b["elm_tiny_rolling"]["word_perplexity,none"], rel=1e-5)
+    assert a["elm_tiny_until"]["exact_match,none"] == b["elm_tiny_until"]["exact_match,none"] == pytest.approx(2 / 3)
 
 
 # -- the two command lines ------------------------------------------------------------------------------------------
@@ -216,9 +219,10 @@ def test_the_entry_point_pyproject_declares_is_the_registered_model():
         (["--model_args", "dtype"], "--model_args: 'dtype' is not KEY=VALUE"),
         (["--model_args", "max_length=0"], "--model_args max_length= must be a positive integer, got '0'"),
         (["--dtype", "float32", "--model_args", "dtype=float16"], "--model_args dtype= and --dtype both set the dtype; give it once"),
+        (["--include_path", "/nonexistent/tasks"], "--include_path /nonexistent/tasks is not a directory"),
     ],
 )
-def test_bad_model_args_are_one_line(args, message):
+def test_bad_model_args_and_include_paths_are_one_line(args, message):
     from elm_mlx.evaluate import cli
 
     with pytest.raises(ElmError) as raised:
