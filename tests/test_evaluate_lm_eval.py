@@ -230,6 +230,15 @@ def test_bad_model_args_and_include_paths_are_one_line(args, message):
     assert str(raised.value).startswith(message) and "\n" not in str(raised.value)
 
 
+def test_the_lm_eval_model_refuses_a_misspelt_argument_instead_of_loading_the_demo():
+    from lm_eval.api.registry import get_model
+
+    import elm_mlx.evaluate.lm_eval_backend  # noqa: F401  (registers elm-mlx)
+
+    with pytest.raises(TypeError, match="unexpected keyword argument 'modle'"):
+        get_model("elm-mlx").create_from_arg_string("modle=apple/OpenELM-270M", {"batch_size": 2, "device": None})
+
+
 def test_model_args_are_checked_as_the_options_they_name():
     from elm_mlx.evaluate import cli
 

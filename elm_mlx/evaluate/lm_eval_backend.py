@@ -52,14 +52,20 @@ class ElmMLX(LM):
         max_length: Optional[int] = None,
         max_gen_toks: int = DEFAULT_MAX_GEN_TOKENS,
         loaded=None,
-        **_ignored,  # lm-eval also passes device and max_batch_size, which mean nothing here
+        pretrained: Optional[str] = None,  # what lm-eval's hf model calls `model`
+        device=None,  # lm-eval passes these three to every model; they mean nothing here
+        max_batch_size=None,
+        trust_remote_code=None,
     ):
+        # No **kwargs: a misspelt --model_args key is an error, not a silent fall-back to the demo model.
         super().__init__()
         if loaded is None:
             from ..load import load
             from ..options import resolve_model
 
-            name = resolve_model(model, adapter_path, verbose=False)
+            if model is not None and pretrained is not None and model != pretrained:
+                raise ValueError("elm-mlx: model= and pretrained= name the same thing; give one")
+            name = resolve_model(model or pretrained, adapter_path, verbose=False)
             bits = None if q_bits is None else int(q_bits)
             loaded = load(name, dtype=dtype, q_bits=bits, q_group_size=int(q_group_size), q_recipe=q_recipe, adapter_path=adapter_path,
                           verbose=False)  # fmt: skip
