@@ -148,20 +148,13 @@ class ElmMLX(LM):
         return out
 
 
-def _register() -> None:
-    """Register ElmMLX as `elm-mlx` under its importable name (not a `python -m` copy named __main__, which would
-    collide with the importable class should anything import this module later)."""
-    register_model("elm-mlx")(ElmMLX)
-
-
 if __name__ == "__main__":
-    # `python -m elm_mlx.evaluate.lm_eval_backend ARGS` is lm-eval's command line with the importable module's class
-    # registered (this file also runs as __main__, whose copy of the class stays unregistered).
+    # `python -m elm_mlx.evaluate.lm_eval_backend ARGS` is lm-eval's command line with elm-mlx registered. This file
+    # then runs as __main__ too; importing it under its own name registers that class, the one any later import sees.
     from lm_eval.__main__ import cli_evaluate
 
-    from elm_mlx.evaluate.lm_eval_backend import _register as register_importable
+    import elm_mlx.evaluate.lm_eval_backend  # noqa: F401
 
-    register_importable()
     cli_evaluate()
 else:
-    _register()
+    register_model("elm-mlx")(ElmMLX)
