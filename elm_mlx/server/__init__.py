@@ -4,10 +4,11 @@ python -m elm_mlx.server --model DIR_OR_REPO [--host 127.0.0.1] [--port 8080]
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (both with
 "stream": true as server-sent events ending in [DONE]), GET /v1/models,
-GET /health. HTTP is Starlette on uvicorn. The package: `schemas` (requests
+GET /health, and a chat page at / (`web`, files in static/). HTTP is Starlette on uvicorn. The package: `schemas` (requests
 checked into jobs), `engine` (the worker that serves one request at a time),
 `batched` (the worker that decodes up to --max-batch requests together, the
-default), `app` (endpoints and response shapes), `connections` (timeouts and
+default), `app` (endpoints and response shapes), `origins` (which browser pages
+and Host names may use the API: --cors-origin, --allow-host), `connections` (timeouts and
 log throttling), and the command line here.
 
 Every limit a request meets is a flag: --max-tokens-limit, --max-prompt-tokens
@@ -25,9 +26,10 @@ from ..errors import ElmError
 from .app import make_app
 from .batched import BatchedEngine
 from .engine import Engine, Job
+from .origins import WebPolicy, argparse_type, host_name, parse_origin
 from .schemas import Limits, RequestError
 
-__all__ = ["Engine", "BatchedEngine", "Job", "Limits", "RequestError", "make_app", "build_parser", "main"]
+__all__ = ["Engine", "BatchedEngine", "Job", "Limits", "RequestError", "WebPolicy", "make_app", "build_parser", "main"]
 
 
 def build_parser():
@@ -38,6 +40,23 @@ def build_parser():
     add_model_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
     p.add_argument("--port", type=int_at_least(1, 65535), default=8080, help="port to listen on (default: %(default)s)")
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        type=argparse_type(parse_origin),
+        metavar="ORIGIN",
+        help="a web origin (like http://localhost:5173) whose pages may use the API from a browser; repeatable "
+        "(default: only the server's own chat page)",
+    )
+    p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        type=argparse_type(host_name),
+        metavar="NAME",
+        help="a host name the server answers to besides IP addresses, localhost and --host (a guard against DNS rebinding); repeatable",
+    )
     p.add_argument(
         "--max-batch",
         type=int_at_least(1, 256),
@@ -138,7 +157,7 @@ def main(argv=None) -> None:
     raise_open_file_limit()
     throttle_logs()
     config = uvicorn.Config(
-        make_app(engine, limits=limits),
+        make_app(engine, limits=limits, web=WebPolicy.make(args.cors_origin, [args.host, *args.allow_host])),
         host=args.host,
         port=args.port,
         log_level="warning",
@@ -147,7 +166,8 @@ def main(argv=None) -> None:
     )
     details = [f"context {engine.context_length} tokens"] if engine.context_length else []
     details.append(f"up to {args.max_batch} requests at once")
-    announce = f"serving {name} at http://{args.host}:{args.port}/v1 ({', '.join(details)})"
+    url = f"http://{f'[{args.host}]' if ':' in args.host else args.host}:{args.port}"
+    announce = f"serving {name} at {url}/v1 ({', '.join(details)}), chat page at {url}/"
 
     class AnnouncingServer(uvicorn.Server):
         """Says "serving" only once the socket is bound."""

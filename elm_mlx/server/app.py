@@ -9,12 +9,14 @@ from typing import Any, Dict, List, Optional
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from ..generation import GenerationResponse
 from .engine import Engine, Job
+from .origins import OriginGuard, WebPolicy
 from .schemas import (
     Limits,
     RequestError,
@@ -27,6 +29,7 @@ from .schemas import (
     requested_max_tokens,
     typed,
 )
+from .web import page_routes
 
 BODY_TIMEOUT_S = 30.0  # a body that trickles in slower than this is dropped (408)
 
@@ -156,7 +159,8 @@ def _check_model(body: dict, engine: Engine) -> None:
         )
 
 
-def make_app(engine: Engine, max_tokens_limit: int = 4096, limits: Optional[Limits] = None) -> Starlette:
+def make_app(engine: Engine, max_tokens_limit: int = 4096, limits: Optional[Limits] = None, web: Optional[WebPolicy] = None) -> Starlette:
+    """The app; `web` says which browser origins and Host names are accepted (default: same-origin and loopback names only)."""
     limits = limits or Limits(max_tokens_limit=max_tokens_limit, context_length=engine.context_length)
 
     async def completions(request: Request, chat: bool):
@@ -218,9 +222,11 @@ def make_app(engine: Engine, max_tokens_limit: int = 4096, limits: Optional[Limi
         Route("/v1/completions", text_completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
+        *page_routes(),
     ]
     handlers = {RequestError: on_request_error, HTTPException: on_http_error, ClientDisconnect: on_disconnect, Exception: on_error}
-    return Starlette(routes=routes, exception_handlers=handlers)
+    guard = Middleware(OriginGuard, policy=web or WebPolicy())
+    return Starlette(routes=routes, exception_handlers=handlers, middleware=[guard])
 
 
 def _sse(data: dict) -> str:
