@@ -167,7 +167,7 @@ def test_the_server_keeps_every_token_in_content_as_text(tokenizer, model):
     from starlette.testclient import TestClient
 
     engine = RecordingEngine(model, tokenizer, "tiny")
-    with TestClient(make_app(engine)) as client:
+    with TestClient(make_app(engine), base_url="http://localhost") as client:  # the Host check refuses "testserver"
         for messages in CONVERSATIONS:
             # Contents also arrive as lists of text parts, split inside a marker.
             parted = [{**m, "content": [{"type": "text", "text": m["content"][:3]}, {"type": "text", "text": m["content"][3:]}]} for m in messages]

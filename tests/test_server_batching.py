@@ -237,7 +237,7 @@ def test_values_at_the_edges_through_the_batching_worker(demo, fields, status):
     from starlette.testclient import TestClient
 
     model, tokenizer = demo
-    client = TestClient(make_app(BatchedEngine(model, tokenizer, "demo", max_batch=4), max_tokens_limit=512))
+    client = TestClient(make_app(BatchedEngine(model, tokenizer, "demo", max_batch=4), max_tokens_limit=512), base_url="http://localhost")
     reply = client.post("/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 5, **fields})
     assert reply.status_code == status, reply.text
 

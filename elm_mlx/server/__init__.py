@@ -118,6 +118,11 @@ def check_port_free(host: str, port: int) -> None:
             raise ElmError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
+def web_policy(args) -> WebPolicy:
+    """Browser pages allowed to use the API (--cors-origin) and the Host names answered (--host, --allow-host)."""
+    return WebPolicy.make(args.cors_origin, [args.host, *args.allow_host])
+
+
 def main(argv=None) -> None:
     import uvicorn
 
@@ -157,7 +162,7 @@ def main(argv=None) -> None:
     raise_open_file_limit()
     throttle_logs()
     config = uvicorn.Config(
-        make_app(engine, limits=limits, web=WebPolicy.make(args.cors_origin, [args.host, *args.allow_host])),
+        make_app(engine, limits=limits, web=web_policy(args)),
         host=args.host,
         port=args.port,
         log_level="warning",

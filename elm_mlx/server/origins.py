@@ -101,7 +101,7 @@ class WebPolicy:
 
     @classmethod
     def make(cls, cors_origins: Iterable[str] = (), hosts: Iterable[str] = ()) -> "WebPolicy":
-        return cls(frozenset(parse_origin(o) for o in cors_origins), frozenset(host_name(h) for h in hosts if not _is_ip(h)))
+        return cls(frozenset(parse_origin(o) for o in cors_origins), frozenset(host_name(h) for h in hosts if h and not _is_ip(h)))
 
     def host_allowed(self, name: str) -> bool:
         name = name.rstrip(".")
