@@ -369,6 +369,7 @@ async function send() {
   save();
   render();
   if (failure) showNotice(failure.title, failure.message);
+  refreshHealth();
 }
 
 async function loadModel() {
@@ -386,18 +387,20 @@ async function loadModel() {
   }
 }
 
-async function pollHealth() {
-  if (document.visibilityState === "visible") {
-    try {
-      const health = await (await fetch("/health")).json();
-      const busy = health.active > 0 || health.queued > 0;
-      ui.status.textContent = busy ? `busy: ${health.active} answering, ${health.queued} waiting` : "ready";
-      ui.status.className = "pill " + (health.queued > 0 || health.active >= health.max_batch ? "busy" : "ready");
-    } catch {
-      ui.status.textContent = "unreachable";
-      ui.status.className = "pill down";
-    }
+async function refreshHealth() {
+  try {
+    const health = await (await fetch("/health")).json();
+    const busy = health.active > 0 || health.queued > 0;
+    ui.status.textContent = busy ? `busy: ${health.active} answering, ${health.queued} waiting` : "ready";
+    ui.status.className = "pill " + (health.queued > 0 || health.active >= health.max_batch ? "busy" : "ready");
+  } catch {
+    ui.status.textContent = "unreachable";
+    ui.status.className = "pill down";
   }
+}
+
+function pollHealth() {
+  if (document.visibilityState === "visible") refreshHealth();
   setTimeout(pollHealth, 3000);
 }
 
