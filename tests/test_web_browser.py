@@ -35,7 +35,13 @@ pytestmark = pytest.mark.skipif(
     reason="no system Chromium and chromedriver (Debian: apt-get install chromium chromium-driver; .ci/run installs them)",
 )
 
-HOSTILE = 'Look: <img src=x onerror="window.pwned=1"> and <script>window.pwned=2</script> **bold**'
+HOSTILE = """Look: <img src=x onerror="window.pwned=1"> and <script>window.pwned=2</script> **bold**
+# <b onclick="window.pwned=3">heading</b>
+- item <svg onload="window.pwned=4"></svg>
+```html
+<iframe src="javascript:window.pwned=5"></iframe>
+```
+[link](javascript:window.pwned=6) `<a href=x>`"""
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +87,7 @@ class ScriptedEngine(Engine):
 @pytest.fixture(scope="module")
 def scripted_server(demo):
     model, tokenizer = demo
-    pieces = re.findall(r".{1,3}", HOSTILE)  # split inside the tags, as tokens would
+    pieces = re.findall(r".{1,3}", HOSTILE, re.DOTALL)  # split inside the tags, as tokens would
     with live_server(make_app(ScriptedEngine(model, tokenizer, pieces))) as port:
         yield f"http://127.0.0.1:{port}"
 
@@ -261,14 +267,24 @@ def test_model_text_is_shown_as_text_never_as_html(browser, scripted_server):
     except TimeoutException:
         pytest.fail("the scripted answer did not finish")
     answer = answers(browser)[-1].find_element(By.CLASS_NAME, "body")
-    assert answer.text == HOSTILE.replace("**bold**", "bold")  # the tags as text; Markdown bold as <strong>
+    # Every tag stays visible as written; only the Markdown subset makes elements, and those hold text.
+    parts = [(e.tag_name, e.text) for e in answer.find_elements(By.XPATH, "./*")]
+    assert parts == [
+        ("p", 'Look: <img src=x onerror="window.pwned=1"> and <script>window.pwned=2</script> bold'),
+        ("h3", '<b onclick="window.pwned=3">heading</b>'),
+        ("ul", 'item <svg onload="window.pwned=4"></svg>'),
+        ("pre", '<iframe src="javascript:window.pwned=5"></iframe>'),
+        ("p", "[link](javascript:window.pwned=6) <a href=x>"),
+    ], parts
     assert answer.find_element(By.TAG_NAME, "strong").text == "bold"
+    assert answer.find_elements(By.CSS_SELECTOR, "p code")[0].text == "<a href=x>"
     messages = browser.find_element(By.ID, "messages")
-    assert not messages.find_elements(By.CSS_SELECTOR, "img, script, iframe, object")
+    hostile_tags = "img, script, iframe, object, svg, a, b, [onclick], [onerror], [onload]"
+    assert not messages.find_elements(By.CSS_SELECTOR, hostile_tags)
     assert browser.find_elements(By.CSS_SELECTOR, ".message.user .body")[0].text == '<img src=y onerror="window.pwned=3"> say it'
     assert browser.execute_script("return window.pwned") is None
     browser.refresh()  # and again when rendered from storage
     wait(browser, lambda: len(answers(browser)) == 1)
-    assert not browser.find_element(By.ID, "messages").find_elements(By.CSS_SELECTOR, "img, script")
+    assert not browser.find_element(By.ID, "messages").find_elements(By.CSS_SELECTOR, hostile_tags)
     assert browser.execute_script("return window.pwned") is None
     no_page_errors(browser)
