@@ -230,6 +230,12 @@ def test_stop_frees_the_server_at_once_and_busy_and_refusals_are_explained(brows
     notice = browser.find_element(By.ID, "notice")
     wait(browser, lambda: "busy" in notice.text, timeout=10, message="no busy notice")
     assert "1 answering, 1 waiting" in notice.text, notice.text
+    # Stopped while waiting: no empty answer; the question goes back in the box.
+    browser.find_element(By.ID, "stop").click()
+    wait(browser, lambda: not notice.is_displayed() and browser.find_element(By.ID, "prompt").get_attribute("value") == "FOOL:")
+    assert len(answers(browser)) == 2 and len(stored_messages(browser)) == 4
+    browser.find_element(By.ID, "send").click()
+    wait(browser, lambda: "busy" in notice.text, timeout=10, message="no busy notice")
     threading.Thread(target=other.close).start()  # the other client leaves: ours goes on
     wait(browser, lambda: len(answers(browser)) == 3 and not streaming(browser), timeout=10)
     assert not notice.is_displayed()

@@ -349,9 +349,11 @@ async function send() {
   ui.send.disabled = false;
   ui.stop.disabled = true;
   if (element) element.classList.remove("streaming");
-  if (failure && !answer.content) {
+  if (stopped) clearNotice();
+  const at = conversation.messages.indexOf(answer);
+  if ((failure || stopped) && !answer.content && at > 0) {
     // nothing was generated: take the question back so that it can be edited and sent again
-    conversation.messages.splice(conversation.messages.indexOf(answer) - 1, 2);
+    conversation.messages.splice(at - 1, 2);
     if (!ui.prompt.value) ui.prompt.value = text;
     if (conversation.messages.length === 0) conversation.title = "New chat";
   } else {
