@@ -42,6 +42,8 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 
 def parse_origin(text: str) -> str:
     """An origin as browsers send it (scheme://host[:port], lower case, default port left out); ValueError if not one."""
+    if text.strip() == "*":
+        raise ValueError("'*' would let every web site you visit use the model; name each origin (like http://localhost:5173)")
     try:
         parts = urlsplit(text.strip())
         port = parts.port
