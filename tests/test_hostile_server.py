@@ -63,7 +63,7 @@ class Served:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as s:
             s.sendall(
-                b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"POST " + path.encode() + b" HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                 b"Connection: close\r\nContent-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data
             )
             raw = b""
@@ -77,7 +77,7 @@ class Served:
 
     def get(self, path: str, timeout: float = 30):
         with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as s:
-            s.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            s.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
             raw = b""
             while chunk := s.recv(65536):
                 raw += chunk
@@ -308,7 +308,7 @@ def test_a_client_leaving_during_prefill_frees_the_worker_at_the_next_chunk(tmp_
         data = json.dumps({"prompt": prompt, "max_tokens": 4, "stream": stream}).encode()
         s = socket.create_connection(("127.0.0.1", served.port))
         s.sendall(
-            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(data) + data
+            b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(data) + data
         )
         deadline = time.time() + 30
         while engine.prompt_cache.cache[0].offset < 4 * STEP:  # the worker is some chunks into the prefill
@@ -384,7 +384,7 @@ def test_idle_and_slow_connections_are_closed_and_the_server_still_answers():
         for i in range(1000):
             s = socket.create_connection(("127.0.0.1", port))
             if i % 10 == 0:
-                s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # headers never finished (slow loris)
+                s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n")  # headers never finished (slow loris)
             sockets.append(s)
         time.sleep(2.5)
         closed = 0
@@ -398,7 +398,7 @@ def test_idle_and_slow_connections_are_closed_and_the_server_still_answers():
         request = json.dumps({"prompt": "the king", "max_tokens": 2}).encode()
         with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
             s.sendall(
-                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(request) + request
+                b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(request) + request
             )
             reply = b""
             while chunk := s.recv(65536):
