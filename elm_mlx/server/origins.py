@@ -170,10 +170,8 @@ class OriginGuard:
         if origin is not None and host is not None and self._same_origin(origin, host):
             return None, []
         shown = headers["origin"][:100]
-        return _error(
-            f"requests from the web origin {shown!r} are refused; start the server with --cors-origin {shown} to allow that page",
-            code="origin_not_allowed",
-        ), []
+        advice = f"; start the server with --cors-origin {origin} to allow that page" if origin else " (not an origin that can be allowed)"
+        return _error(f"requests from the web origin {shown!r} are refused{advice}", code="origin_not_allowed"), []
 
     @staticmethod
     def _same_origin(origin: str, host: str) -> bool:
