@@ -6,6 +6,8 @@ serve a stand-in engine whose "generation" is a fixed reply (ScriptedEngine), st
 Set ELM_MLX_ARTIFACTS to a folder to keep the screenshot (docs/chat-page.png is one such copy).
 """
 
+import functools
+import http.server
 import json
 import os
 import re
@@ -20,7 +22,7 @@ import pytest
 pytest.importorskip("uvicorn")
 
 from elm_mlx.generation import GenerationResponse  # noqa: E402
-from elm_mlx.server import Engine, make_app  # noqa: E402
+from elm_mlx.server import Engine, WebPolicy, make_app  # noqa: E402
 from live_server import live_server, request  # noqa: E402
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[test]')")
@@ -59,12 +61,33 @@ def browser(tmp_path_factory):
     driver.quit()
 
 
+class Recorder:
+    """ASGI wrapper noting each request's method, path, Origin and answer status: shows what reached the server."""
+
+    def __init__(self, app):
+        self.app, self.seen = app, []
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        entry = {"method": scope["method"], "path": scope["path"], "origin": dict(scope["headers"]).get(b"origin", b"").decode()}
+        self.seen.append(entry)
+
+        async def noting(message):
+            if message["type"] == "http.response.start":
+                entry["status"] = message["status"]
+            await send(message)
+
+        await self.app(scope, receive, noting)
+
+
 @pytest.fixture(scope="module")
 def demo_server(demo):
     model, tokenizer = demo
     engine = Engine(model, tokenizer, "OpenELM-Shakespeare")  # one request at a time: a slot not freed would show
-    with live_server(make_app(engine, max_tokens_limit=512)) as port:
-        yield engine, f"http://127.0.0.1:{port}"
+    recorder = Recorder(make_app(engine, max_tokens_limit=512))
+    with live_server(recorder) as port:
+        yield engine, f"http://127.0.0.1:{port}", recorder.seen
 
 
 class ScriptedEngine(Engine):
@@ -130,7 +153,7 @@ def no_page_errors(driver):
 
 
 def test_conversation_streams_shows_its_stats_and_survives_a_reload(browser, demo_server, tmp_path):
-    engine, url = demo_server
+    engine, url, _ = demo_server
     open_page(browser, url)
     assert browser.find_element(By.ID, "model").text == "OpenELM-Shakespeare"
     set_value(browser, "system", "You are a player in a Shakespeare play.")
@@ -197,7 +220,7 @@ def test_conversation_streams_shows_its_stats_and_survives_a_reload(browser, dem
 
 
 def test_stop_frees_the_server_at_once_and_busy_and_refusals_are_explained(browser, demo_server):
-    engine, url = demo_server
+    engine, url, _ = demo_server
     open_page(browser, url)
     set_value(browser, "max-tokens", "480")  # about 5 s of answer on this machine's CPU
     say(browser, "KING HENRY:")
@@ -294,3 +317,53 @@ def test_model_text_is_shown_as_text_never_as_html(browser, scripted_server):
     assert not browser.find_element(By.ID, "messages").find_elements(By.CSS_SELECTOR, hostile_tags)
     assert browser.execute_script("return window.pwned") is None
     no_page_errors(browser)
+
+
+@pytest.fixture(scope="module")
+def other_site(tmp_path_factory):
+    """Another web origin (http://localhost:PORT) serving a plain page: what a site the user visits could run."""
+    root = tmp_path_factory.mktemp("site")
+    (root / "index.html").write_text("<!doctype html><title>another site</title><p>another site</p>")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://localhost:{server.server_address[1]}"
+    server.shutdown()
+
+
+FETCH = """
+const [url, init, done] = arguments;
+fetch(url, init).then(async r => done({status: r.status, type: r.type, text: r.type === 'opaque' ? null : await r.text()}),
+                      e => done({error: String(e)}));
+"""
+
+
+def test_another_site_cannot_use_the_model_unless_allowed(browser, demo_server, other_site, demo):
+    """In the browser itself: a page on another origin fires a CORS-"simple" text/plain POST (sent without a preflight;
+    its reply is unreadable to the page, but a server that does not check Origin would run it) and a JSON POST (the
+    browser asks first with a preflight). Both reach the server, which refuses them: the model never runs.
+    With that origin given to --cors-origin, its JSON POST works and the page can read the reply."""
+    engine, url, seen = demo_server
+    browser.get(other_site + "/")
+    jobs, before = len(engine.finished), len(seen)
+    body = json.dumps({"messages": [{"role": "user", "content": "ROMEO:"}], "max_tokens": 5})
+    simple = {"method": "POST", "mode": "no-cors", "headers": {"Content-Type": "text/plain"}, "body": body}
+    assert "error" in browser.execute_async_script(FETCH, url + "/v1/chat/completions", simple)  # opaque, and CORP blocks it
+    as_json = {**simple, "mode": "cors", "headers": {"Content-Type": "application/json"}}
+    assert "Failed to fetch" in browser.execute_async_script(FETCH, url + "/v1/chat/completions", as_json)["error"]
+    reached = [(r["method"], r["origin"], r.get("status")) for r in seen[before:] if r["path"] == "/v1/chat/completions"]
+    assert reached == [("POST", other_site, 403), ("OPTIONS", other_site, 403)], reached
+    time.sleep(0.2)
+    assert len(engine.finished) == jobs and engine.status()["active"] == 0  # the model never ran
+    model, tokenizer = demo
+    allowed = make_app(ScriptedEngine(model, tokenizer, ["Good ", "morrow."]), web=WebPolicy.make([other_site]))
+    with live_server(allowed) as port:
+        init = {"method": "POST", "headers": {"Content-Type": "application/json"}, "body": body}
+        reply = browser.execute_async_script(FETCH, f"http://127.0.0.1:{port}/v1/chat/completions", init)
+        assert reply["status"] == 200 and reply["type"] == "cors", reply
+        assert json.loads(reply["text"])["choices"][0]["message"]["content"] == "Good morrow."
