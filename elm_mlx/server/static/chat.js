@@ -382,7 +382,7 @@ async function loadModel() {
     model = data.data && data.data[0] ? data.data[0].id : null;
     ui.model.textContent = model || "(no model)";
     document.title = `${model} · elm-mlx chat`;
-    renderMessages();
+    for (const role of ui.messages.querySelectorAll(".message.assistant .role")) role.textContent = model;
   } catch (e) {
     ui.model.textContent = "(unknown model)";
     showNotice(e.title || "Cannot reach the server.", String(e.message || e));
