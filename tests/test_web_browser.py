@@ -237,7 +237,7 @@ def test_stop_frees_the_server_at_once_and_busy_and_refusals_are_explained(brows
     browser.find_element(By.ID, "stop").click()
     stopped_at = time.time()
     wait(browser, lambda: len(engine.finished) > jobs, timeout=5, message="the server went on generating after Stop")
-    assert time.time() - stopped_at < 2
+    assert time.time() - stopped_at < 3
     assert engine.finished[-1]["cancelled"] and engine.finished[-1]["generated_tokens"] < 400, engine.finished[-1]
     wait(browser, lambda: not streaming(browser))
     assert "stopped after" in answers(browser)[-1].find_element(By.CLASS_NAME, "stats").text
