@@ -224,6 +224,15 @@ def test_conversation_streams_shows_its_stats_and_survives_a_reload(browser, dem
         browser.execute_async_script("navigator.clipboard.readText().then(arguments[0], e => arguments[0]('failed: ' + e))") == contents[1]
     )
     assert data["conversation"]["messages"][3]["stats"]["cached_tokens"] == second["cached_tokens"]
+    # New chat starts an empty conversation; the first stays in the list and opens again.
+    browser.find_element(By.ID, "new-chat").click()
+    assert shown_texts(browser) == [] and len(browser.find_elements(By.CSS_SELECTOR, "#conversations li")) == 2
+    say(browser, "HAMLET:")
+    wait(browser, lambda: len(answers(browser)) == 1 and not streaming(browser))
+    titles = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#conversations li .open")]
+    assert titles == ["HAMLET:", "ROMEO:"], titles
+    browser.find_elements(By.CSS_SELECTOR, "#conversations li .open")[1].click()
+    assert shown_texts(browser) == texts
     no_page_errors(browser)
 
 

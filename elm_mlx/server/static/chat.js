@@ -123,7 +123,10 @@ function renderMessages() {
   ui.messages.replaceChildren();
   for (const message of conversation.messages) {
     const element = messageElement(message);
-    if (running && running.message === message) running.element = element;
+    if (running && running.message === message) {
+      running.element = element;
+      element.classList.add("streaming");
+    }
     ui.messages.append(element);
   }
   ui.messages.scrollTop = ui.messages.scrollHeight;
@@ -285,8 +288,6 @@ async function send() {
   clearNotice();
   const user = { role: "user", content: text };
   conversation.messages.push(user);
-  if (conversation.title === "New chat") conversation.title = text.trim().slice(0, 48);
-  conversation.system = store.settings.system;
   let body;
   try {
     body = requestBody(conversation);
@@ -295,6 +296,8 @@ async function send() {
     showNotice("The JSON schema is not valid JSON.", String(e.message));
     return;
   }
+  if (conversation.title === "New chat") conversation.title = text.trim().slice(0, 48);
+  conversation.system = store.settings.system;
   const answer = { role: "assistant", content: "", stats: null };
   conversation.messages.push(answer);
   ui.prompt.value = "";
@@ -302,9 +305,9 @@ async function send() {
   render();
   const started = performance.now();
   running = { controller: new AbortController(), message: answer, element: ui.messages.lastElementChild, started };
+  running.element.classList.add("streaming");
   ui.send.disabled = true;
   ui.stop.disabled = false;
-  ui.messages.lastElementChild.classList.add("streaming");
   watchQueue(started);
   let usage = null;
   let finish = null;
