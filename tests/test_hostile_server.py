@@ -308,7 +308,8 @@ def test_a_client_leaving_during_prefill_frees_the_worker_at_the_next_chunk(tmp_
         data = json.dumps({"prompt": prompt, "max_tokens": 4, "stream": stream}).encode()
         s = socket.create_connection(("127.0.0.1", served.port))
         s.sendall(
-            b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(data) + data
+            b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(data)
+            + data
         )
         deadline = time.time() + 30
         while engine.prompt_cache.cache[0].offset < 4 * STEP:  # the worker is some chunks into the prefill
@@ -398,7 +399,8 @@ def test_idle_and_slow_connections_are_closed_and_the_server_still_answers():
         request = json.dumps({"prompt": "the king", "max_tokens": 2}).encode()
         with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
             s.sendall(
-                b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(request) + request
+                b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(request)
+                + request
             )
             reply = b""
             while chunk := s.recv(65536):

@@ -130,7 +130,8 @@ def test_a_client_that_leaves_frees_its_slot_for_the_next_request(demo):
         body = json.dumps({"prompt": "ROMEO:", "max_tokens": 400, "temperature": 0, "stream": True}).encode()
         s = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
         s.sendall(
-            b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+            b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+            + body
         )
         received = b""
         while received.count(b"data: ") < 3:  # tokens are streaming: the one slot is taken
