@@ -3,6 +3,7 @@
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Generator, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
@@ -144,6 +145,18 @@ class GenerationResponse:
     peak_memory_gb: float
     finish_reason: Optional[str] = None
     prompt_cached_tokens: int = 0  # prompt tokens whose keys/values came from a PromptCache
+    # Speculative decoding (elm_mlx.speculative); all 0 in plain decoding.
+    draft_tokens: int = 0  # tokens proposed and scored by the model
+    accepted_tokens: int = 0  # of those, accepted
+    target_passes: int = 0  # the model's forward passes that produced generated tokens
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def tokens_per_pass(self) -> float:
+        return self.generation_tokens / self.target_passes if self.target_passes else 0.0
 
 
 SEED_LIMIT = 1 << 64  # mx.random.seed takes an unsigned 64-bit integer
@@ -235,6 +248,10 @@ def stream_generate(
     prompt_cache: Optional[PromptCache] = None,
     cancel: Optional[Callable[[], bool]] = None,
     kv: Optional[KVOptions] = None,
+    prompt_lookup=None,
+    draft_model: Optional[nn.Module] = None,
+    num_draft_tokens: Optional[int] = None,
+    adaptive_draft: bool = False,
 ) -> Generator[GenerationResponse, None, None]:
     """Generate from a prompt (text, or token ids), yielding text as it is produced.
 
@@ -244,8 +261,14 @@ def stream_generate(
     cache is left holding this conversation for the next call. `cancel` is
     asked between prefill chunks (see generate_step). `kv` bounds or
     quantizes the keys and values kept (a PromptCache has its own).
+    `prompt_lookup` (K or a speculative.PromptLookup) or `draft_model` (with
+    `num_draft_tokens`, `adaptive_draft`) decode speculatively: the same text
+    greedy, the same distribution sampling (see elm_mlx.speculative).
     """
+    from .speculative import resolve, speculative_stream
+
     sampling = sampling or SamplingParams()
+    spec = resolve(model, prompt_lookup, draft_model, num_draft_tokens, adaptive_draft)
     if kv is not None and prompt_cache is not None:
         raise ElmError("pass kv options to the PromptCache, not to stream_generate, when using one")
     check_request(prompt, max_tokens, prefill_step_size, seed)
@@ -255,8 +278,9 @@ def stream_generate(
     reused = prompt_cache.reuse(prompt_ids) if prompt_cache is not None else 0
     fed = list(prompt_ids)  # every token the model has seen, for the prompt cache
     cache = prompt_cache.cache if prompt_cache is not None else make_cache(model, kv)
+    run = _stream if spec is None else partial(speculative_stream, spec=spec)
     try:
-        yield from _stream(model, tokenizer, prompt_ids, reused, fed, max_tokens, sampling, stop, seed, prefill_step_size, cache, cancel)
+        yield from run(model, tokenizer, prompt_ids, reused, fed, max_tokens, sampling, stop, seed, prefill_step_size, cache, cancel)
     finally:
         if prompt_cache is not None:
             prompt_cache.record(fed)
@@ -345,6 +369,14 @@ def format_stats(r: GenerationResponse) -> str:
         f"prompt: {_count(r.prompt_tokens)}, {_rate(r.prompt_tps)} | "
         f"generation: {_count(r.generation_tokens)}, {_rate(r.generation_tps)} | "
         f"peak memory: {r.peak_memory_gb:.3f} GB"
+    ) + (f" | {format_speculation(r)}" if r.target_passes else "")
+
+
+def format_speculation(r: GenerationResponse) -> str:
+    """How speculation went: the share of proposals accepted and the tokens each pass of the model gave."""
+    return (
+        f"speculative: acceptance {100 * r.acceptance_rate:.1f}% ({r.accepted_tokens}/{r.draft_tokens}), "
+        f"{r.tokens_per_pass:.2f} tokens per model pass"
     )
 
 

@@ -130,12 +130,21 @@ def make_sampler(params: SamplingParams) -> Sampler:
         return lambda logprobs, key=None: mx.argmax(logprobs, axis=-1)
 
     def sample(logprobs: mx.array, key: Optional[mx.array] = None) -> mx.array:
-        logprobs = apply_top_k(logprobs, params.top_k)
-        logprobs = apply_top_p(logprobs, params.top_p)
-        logprobs = apply_min_p(logprobs, params.min_p)
-        return mx.random.categorical(apply_temperature(logprobs, params.temp), axis=-1, key=key)
+        return mx.random.categorical(sampling_logits(logprobs, params), axis=-1, key=key)
 
     return sample
+
+
+def sampling_logits(logprobs: mx.array, params: SamplingParams) -> mx.array:
+    """Unnormalised log-weights (float32) of the distribution make_sampler draws from when temp > 0.
+
+    Shared with speculative decoding, which needs the distribution itself
+    (to accept or reject a proposed token), not only a draw from it.
+    """
+    logprobs = apply_top_k(logprobs, params.top_k)
+    logprobs = apply_top_p(logprobs, params.top_p)
+    logprobs = apply_min_p(logprobs, params.min_p)
+    return apply_temperature(logprobs, params.temp)
 
 
 def key_stream(seed: Optional[int]) -> Iterator[mx.array]:
