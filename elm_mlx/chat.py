@@ -28,11 +28,14 @@ from .options import (
     add_kv_options,
     add_model_options,
     add_sampling_options,
+    add_speculative_options,
     add_verbose_option,
+    check_speculative_args,
     kv_from_args,
     load_from_args,
     notice,
     sampling_from_args,
+    speculative_from_args,
     unescape,
 )
 from .sample import SamplingParams
@@ -53,8 +56,17 @@ class ChatSession:
     stays); a message that cannot fit even alone is refused.
     """
 
-    def __init__(self, model, tokenizer: Tokenizer, system: Optional[str] = None, notice=None, kv: Optional[KVOptions] = None):
+    def __init__(
+        self,
+        model,
+        tokenizer: Tokenizer,
+        system: Optional[str] = None,
+        notice=None,
+        kv: Optional[KVOptions] = None,
+        speculative: Optional[dict] = None,
+    ):
         self.model, self.tokenizer = model, tokenizer
+        self.speculative = speculative or {}  # stream_generate's speculative keywords (options.speculative_from_args)
         self.prompt_cache = PromptCache(model, kv)  # a rotating window that dropped tokens recomputes an edited history
         self.context_length = context_length(model)
         self.system = system
@@ -118,7 +130,9 @@ class ChatSession:
     def ask(self, user_text: str, max_tokens: int, sampling: SamplingParams, stop: Sequence[str] = ()):
         """Stream the answer; the turn is recorded even when the caller stops early."""
         prompt, budget = self.fitted_prompt(user_text, max_tokens)
-        responses = stream_generate(self.model, self.tokenizer, prompt, budget, sampling, stop=stop, prompt_cache=self.prompt_cache)
+        responses = stream_generate(
+            self.model, self.tokenizer, prompt, budget, sampling, stop=stop, prompt_cache=self.prompt_cache, **self.speculative
+        )
         answer, r = [], None
         try:
             for r in responses:
@@ -259,6 +273,7 @@ def build_parser() -> ArgumentParser:
     add_generation_options(p, "most tokens per answer, within the context (default: %(default)s)", max_tokens_default=512)
     add_sampling_options(p, repetition_penalty=1.2)
     add_kv_options(p)
+    add_speculative_options(p)
     p.add_argument(
         "--stats", action="store_true", help="print prompt/cache/speed figures after every answer (/stats shows them on request)"
     )
@@ -270,10 +285,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     sampling = sampling_from_args(args)
     kv = kv_from_args(args)
+    check_speculative_args(args)
     model_name, model, tokenizer = load_from_args(args, verbose=args.verbose)
+    speculative = speculative_from_args(args, model, tokenizer, verbose=args.verbose)
     if args.seed is not None:
         mx.random.seed(args.seed)
-    session = ChatSession(model, tokenizer, args.system, notice=notice, kv=kv)  # refuses a group size the heads do not split into
+    session = ChatSession(
+        model, tokenizer, args.system, notice=notice, kv=kv, speculative=speculative
+    )  # refuses a group size the heads do not split into
     repl(session, args.max_tokens, sampling, args.stats, model_name=_display_name(model_name), stop=[unescape(t) for t in args.stop])
 
 

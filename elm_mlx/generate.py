@@ -23,10 +23,13 @@ from .options import (
     add_kv_options,
     add_model_options,
     add_sampling_options,
+    add_speculative_options,
     add_verbose_option,
+    check_speculative_args,
     kv_from_args,
     load_from_args,
     sampling_from_args,
+    speculative_from_args,
     unescape,
 )
 from .tokenizer import Tokenizer
@@ -78,6 +81,7 @@ def build_parser():
         help="start from a prompt saved by elm-mlx cache-prompt; --prompt is raw text appended after it (default: none)",
     )
     add_kv_options(p)
+    add_speculative_options(p)
     add_verbose_option(p, "print which model is used, conversion notes and a speed and memory line to stderr")
     return p
 
@@ -86,6 +90,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     prompt = read_prompt(args.prompt)
     kv = kv_from_args(args)  # every refusal before the (slow) model load
+    check_speculative_args(args)
     if args.prompt_cache_file is not None:
         _check_cache_file_options(args, kv)
     else:
@@ -94,6 +99,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         raise ElmError("--system needs chat formatting; drop --no-chat")
     sampling = sampling_from_args(args)
     model_name, model, tokenizer = load_from_args(args, verbose=args.verbose)
+    speculative = speculative_from_args(args, model, tokenizer, verbose=args.verbose)
     prompt_cache = None
     use_chat = args.chat if args.chat is not None else (args.system is not None or _looks_instruct(model_name, tokenizer))
     if args.prompt_cache_file is not None:
@@ -121,6 +127,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         prefill_step_size=args.prefill_step_size,
         prompt_cache=prompt_cache,
         kv=kv,
+        **speculative,
     )
     print_stream(responses, stats=args.verbose)
 

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .cli import SAMPLING_SEED, float_in, non_negative_int, positive_int
+from .cli import SAMPLING_SEED, float_in, int_at_least, non_negative_int, positive_int
 from .errors import ElmError
 from .sample import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, SamplingParams
 
@@ -136,6 +136,54 @@ def add_kv_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_speculative_options(p: argparse.ArgumentParser, prompt_lookup: bool = True) -> None:
+    """Speculative decoding (elm_mlx.speculative): a draft model or prompt lookup proposes, the model verifies."""
+    from .speculative import DEFAULT_DRAFT_TOKENS, DEFAULT_MAX_NGRAM, DEFAULT_MIN_NGRAM, MAX_DRAFT_TOKENS, MAX_NGRAM
+
+    g = p.add_argument_group("speculative decoding", "several tokens per pass of the model; greedy text unchanged, sampling exact")
+    g.add_argument(
+        "--draft-model",
+        metavar="PATH_OR_REPO",
+        default=None,
+        help="a small model with the same tokenizer proposes tokens, e.g. OpenELM-270M for 1.1B or 3B (default: none)",
+    )
+    g.add_argument(
+        "--num-draft-tokens",
+        type=int_at_least(1, MAX_DRAFT_TOKENS),
+        default=None,
+        metavar="K",
+        help=f"tokens the draft model proposes per pass (default: {DEFAULT_DRAFT_TOKENS})",
+    )
+    if prompt_lookup:
+        g.add_argument(
+            "--prompt-lookup",
+            type=int_at_least(1, MAX_DRAFT_TOKENS),
+            default=None,
+            metavar="K",
+            help="propose K tokens per pass from the text itself, after the latest earlier occurrence of its last words; "
+            "for answers that copy their input (summaries, edits); Apple suggests 10 (default: off)",
+        )
+        g.add_argument(
+            "--prompt-lookup-min-ngram",
+            type=int_at_least(1, MAX_NGRAM),
+            default=DEFAULT_MIN_NGRAM,
+            metavar="N",
+            help="shortest run of last tokens to look up (default: %(default)s)",
+        )
+        g.add_argument(
+            "--prompt-lookup-max-ngram",
+            type=int_at_least(1, MAX_NGRAM),
+            default=DEFAULT_MAX_NGRAM,
+            metavar="N",
+            help="longest run of last tokens to look up; the longest that recurs wins (default: %(default)s)",
+        )
+    g.add_argument(
+        "--adaptive-draft",
+        action="store_true",
+        help="propose fewer tokens after a rejection, more (up to K) after a full acceptance (default: off)",
+    )
+
+
 def add_verbose_option(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument(
         "--verbose",
@@ -174,6 +222,38 @@ def kv_from_args(args):
     if args.max_kv_size is not None and args.kv_bits is not None:
         raise ElmError("--max-kv-size and --kv-bits do not combine; choose one")
     return KVOptions(max_size=args.max_kv_size, bits=args.kv_bits, group_size=args.kv_group_size)
+
+
+def check_speculative_args(args) -> None:
+    """Refuse speculative options that do not go together, before the (slow) model load."""
+    from .speculative import PromptLookup
+
+    lookup = getattr(args, "prompt_lookup", None)
+    if args.draft_model is not None and lookup is not None:
+        raise ElmError("--draft-model and --prompt-lookup do not combine; choose one")
+    if args.num_draft_tokens is not None and args.draft_model is None:
+        raise ElmError("--num-draft-tokens needs --draft-model (prompt lookup takes its K as --prompt-lookup K)")
+    if args.adaptive_draft and args.draft_model is None and lookup is None:
+        raise ElmError("--adaptive-draft needs --draft-model or --prompt-lookup")
+    if lookup is not None:
+        PromptLookup(lookup, args.prompt_lookup_min_ngram, args.prompt_lookup_max_ngram)
+    if (args.draft_model is not None or lookup is not None) and getattr(args, "max_kv_size", None) is not None:
+        raise ElmError("--max-kv-size does not combine with speculative decoding: a rotating window cannot take rejected tokens back")
+
+
+def speculative_from_args(args, model, tokenizer, verbose: bool = True) -> dict:
+    """stream_generate's speculative keywords: loads the draft model (in --dtype, unquantized) and checks its tokenizer."""
+    from .speculative import PromptLookup, load_draft
+
+    check_speculative_args(args)
+    lookup = getattr(args, "prompt_lookup", None)
+    if lookup is not None:
+        options = PromptLookup(lookup, args.prompt_lookup_min_ngram, args.prompt_lookup_max_ngram)
+        return {"prompt_lookup": options, "adaptive_draft": args.adaptive_draft}
+    if args.draft_model is None:
+        return {}
+    draft = load_draft(args.draft_model, tokenizer, model, dtype=args.dtype, verbose=verbose)
+    return {"draft_model": draft, "num_draft_tokens": args.num_draft_tokens, "adaptive_draft": args.adaptive_draft}
 
 
 def unescape(text: str) -> str:

@@ -132,7 +132,10 @@ def load_draft(path_or_repo: str, tokenizer: Tokenizer, model: Optional[nn.Modul
     """Load a draft model (load()'s options: dtype, q_bits, ...) and check it can draft for `model`/`tokenizer`."""
     from .load import load
 
-    draft, draft_tokenizer = load(path_or_repo, **load_options)
+    try:
+        draft, draft_tokenizer = load(path_or_repo, **load_options)
+    except ElmError as e:
+        raise ElmError(f"the draft model: {e}") from None
     if model is not None:
         check_draft(model, tokenizer, draft, draft_tokenizer)
     else:  # no target to compare logits widths with: the tokenizers alone
