@@ -34,7 +34,14 @@ __all__ = ["Engine", "BatchedEngine", "Job", "Limits", "RequestError", "WebPolic
 
 def build_parser():
     from ..cli import ArgumentParser, float_in, int_at_least, positive_int
-    from ..options import DEFAULT_PREFILL_STEP, add_kv_options, add_model_options, add_sampling_options, add_verbose_option
+    from ..options import (
+        DEFAULT_PREFILL_STEP,
+        add_kv_options,
+        add_model_options,
+        add_sampling_options,
+        add_speculative_options,
+        add_verbose_option,
+    )
 
     p = ArgumentParser(prog="python -m elm_mlx.server", description="Serve a model behind an OpenAI-compatible HTTP API.")
     add_model_options(p)
@@ -98,6 +105,7 @@ def build_parser():
         help="seconds an idle keep-alive connection stays open (default: %(default)s)",
     )
     add_kv_options(p)
+    add_speculative_options(p, prompt_lookup=False)  # prompt lookup is per request ("prompt_lookup")
     add_sampling_options(p, seed=False, title="sampling defaults (for requests that leave the field out)")
     add_verbose_option(p, "print which model is used and conversion notes to stderr")
     return p
@@ -126,7 +134,7 @@ def web_policy(args) -> WebPolicy:
 def main(argv=None) -> None:
     import uvicorn
 
-    from ..options import kv_from_args, load_from_args, sampling_from_args
+    from ..options import check_speculative_args, kv_from_args, load_from_args, sampling_from_args, speculative_from_args
     from .connections import protocol_with_header_timeout, raise_open_file_limit, throttle_logs
 
     args = build_parser().parse_args(argv)
@@ -134,10 +142,14 @@ def main(argv=None) -> None:
     kv = kv_from_args(args)
     if kv is not None and args.max_batch > 1:
         raise ElmError("--max-kv-size and --kv-bits need --max-batch 1: the batched cache keeps every key and value in full")
+    check_speculative_args(args)
+    if args.draft_model is not None and args.max_batch > 1:
+        raise ElmError("--draft-model needs --max-batch 1: speculative decoding serves one request at a time")
     check_port_free(args.host, args.port)
     if args.max_batch > 1:
         PromptStore(args.prompt_cache_bytes)  # refuses a size beyond this machine's memory before the model loads
     model_name, model, tokenizer = load_from_args(args, verbose=args.verbose)
+    speculative = speculative_from_args(args, model, tokenizer, verbose=args.verbose)
     local = Path(model_name).expanduser()
     name = local.resolve().name if local.exists() else model_name  # what /v1/models lists
     if args.max_batch > 1:
@@ -151,7 +163,9 @@ def main(argv=None) -> None:
             prompt_cache_bytes=args.prompt_cache_bytes,
         )
     else:
-        engine = Engine(model, tokenizer, name, aliases=[model_name], prefill_step_size=args.prefill_step_size, kv=kv)
+        engine = Engine(
+            model, tokenizer, name, aliases=[model_name], prefill_step_size=args.prefill_step_size, kv=kv, speculative=speculative
+        )
     limits = Limits(
         max_tokens_limit=args.max_tokens_limit,
         max_prompt_tokens=args.max_prompt_tokens if args.max_prompt_tokens is not None else engine.context_length,

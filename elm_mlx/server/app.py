@@ -26,6 +26,7 @@ from .schemas import (
     parse_body,
     parse_common,
     parse_logprobs,
+    parse_speculative,
     requested_max_tokens,
     typed,
 )
@@ -77,12 +78,23 @@ async def _cancel_on_disconnect(request: Request, job: Job) -> None:
 
 
 def _usage(last: GenerationResponse) -> dict:
-    return {
+    usage = {
         "prompt_tokens": last.prompt_tokens,
         "completion_tokens": last.generation_tokens,
         "total_tokens": last.prompt_tokens + last.generation_tokens,
         "prompt_tokens_details": {"cached_tokens": last.prompt_cached_tokens},
     }
+    if last.target_passes:  # speculative decoding: OpenAI's names for predicted tokens, and ours
+        rejected = last.draft_tokens - last.accepted_tokens
+        usage["completion_tokens_details"] = {"accepted_prediction_tokens": last.accepted_tokens, "rejected_prediction_tokens": rejected}
+        usage["speculative"] = {
+            "draft_tokens": last.draft_tokens,
+            "accepted_tokens": last.accepted_tokens,
+            "target_passes": last.target_passes,
+            "acceptance_rate": round(last.acceptance_rate, 4),
+            "tokens_per_pass": round(last.tokens_per_pass, 4),
+        }
+    return usage
 
 
 class Formatter:
@@ -169,11 +181,12 @@ def make_app(engine: Engine, max_tokens_limit: int = 4096, limits: Optional[Limi
         common = parse_common(body, limits.sampling)
         requested = requested_max_tokens(body, limits.max_tokens_limit)
         logprobs = parse_logprobs(body, chat)
+        speculative = parse_speculative(body, engine.speculation_refused)
         # Rendering and tokenizing a 1 MiB body takes ~0.5 s: in a worker thread, so other connections go on
         # (sentencepiece releases the GIL while it encodes; the tokenizers library's encode does not).
         prompt_ids = await run_in_threadpool(chat_prompt if chat else completion_prompt, body, engine.tokenizer)
         max_tokens = fit_to_context(len(prompt_ids), requested, limits)
-        job = Job(prompt_ids=prompt_ids, max_tokens=max_tokens, top_logprobs=logprobs, **common)
+        job = Job(prompt_ids=prompt_ids, max_tokens=max_tokens, top_logprobs=logprobs, speculative=speculative, **common)
         fmt = Formatter(chat, engine, logprobs)
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))

@@ -125,6 +125,10 @@ class BatchedEngine(Engine):
         self.store.clear()  # what a failed step stored may be half-made
         self.batch = self._new_batch(self.model, self.tokenizer, self.prefill_step_size)
 
+    @property
+    def speculation_refused(self) -> Optional[str]:
+        return "needs a server started with --max-batch 1 (it verifies one request at a time); this one batches requests"
+
     def status(self) -> dict:
         """What /health reports: requests decoding or prefilling, requests waiting, and the batch's memory."""
         return {

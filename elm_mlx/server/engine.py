@@ -34,6 +34,7 @@ class Job:
     stop: List[str]
     seed: Optional[int]
     top_logprobs: int
+    speculative: dict = field(default_factory=dict)  # stream_generate's speculative keywords; {}: the server's default
     emit: Any = None  # called from the worker thread with each GenerationResponse, then None
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -47,8 +48,12 @@ class Engine:
         aliases: Sequence[str] = (),
         prefill_step_size: int = 512,
         kv: Optional[KVOptions] = None,
+        speculative: Optional[dict] = None,
     ):
         self.model, self.tokenizer, self.name = model, tokenizer, name
+        # Speculative decoding: the server's draft model (--draft-model), for requests that ask for nothing else.
+        self.speculative = speculative or {}
+        self.rotating_kv = kv is not None and kv.max_size is not None  # cannot take tokens back: no speculation
         self.aliases = {name, *aliases}  # model names a request may use for this model
         self.context_length = context_length(model)
         self.prefill_step_size = prefill_step_size
@@ -86,6 +91,7 @@ class Engine:
             prefill_step_size=self.prefill_step_size,
             prompt_cache=self.prompt_cache,
             cancel=job.cancelled.is_set,
+            **(job.speculative or self.speculative),
         )
         try:
             for response in responses:
@@ -114,6 +120,13 @@ class Engine:
     def status(self) -> dict:
         """What /health reports: the request being generated (0 or 1) and those waiting."""
         return {"active": int(self.busy), "queued": self.jobs.qsize(), "max_batch": 1}
+
+    @property
+    def speculation_refused(self) -> Optional[str]:
+        """Why a request may not ask for speculative decoding here, or None when it may."""
+        return (
+            "this server keeps a rotating KV window (--max-kv-size), which cannot take rejected tokens back" if self.rotating_kv else None
+        )
 
     async def run(self, job: Job):
         """Queue the job; yield its responses as the worker produces them (an exception re-raises)."""

@@ -167,6 +167,35 @@ def parse_common(body: dict, defaults: Optional[SamplingParams] = None) -> Dict[
     return dict(sampling=parse_sampling(body, defaults), stop=parse_stop(body), seed=seed)
 
 
+def parse_speculative(body: dict, refused: Optional[str] = None) -> Dict[str, Any]:
+    """The extension field "prompt_lookup": K (0 or null: off) or {"num_tokens": K, "min_ngram": a, "max_ngram": b},
+    as stream_generate's keywords; `refused` says why this server cannot (engine.speculation_refused)."""
+    from ..speculative import MAX_DRAFT_TOKENS, PromptLookup
+
+    value = body.get("prompt_lookup")
+    if value is None or (value == 0 and isinstance(value, int) and not isinstance(value, bool)):
+        return {}
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - {"num_tokens", "min_ngram", "max_ngram"})
+        if unknown:
+            raise RequestError(
+                f"'prompt_lookup' has no field {unknown[0][:40]!r} (num_tokens, min_ngram, max_ngram)", param="prompt_lookup"
+            )
+        fields = {name: typed(value, name, int, None, what="an integer") for name in ("num_tokens", "min_ngram", "max_ngram")}
+        try:
+            lookup = PromptLookup(**{name: v for name, v in fields.items() if v is not None})
+        except ElmError as e:
+            raise RequestError(f"'prompt_lookup': {e}", param="prompt_lookup") from None
+    else:
+        k = typed(
+            body, "prompt_lookup", int, None, lambda v: 0 <= v <= MAX_DRAFT_TOKENS, f"an integer in [0, {MAX_DRAFT_TOKENS}] or an object"
+        )
+        lookup = PromptLookup(num_tokens=k)
+    if refused:
+        raise RequestError(f"'prompt_lookup' (speculative decoding): {refused}", param="prompt_lookup")
+    return {"prompt_lookup": lookup}
+
+
 def parse_logprobs(body: dict, chat: bool) -> int:
     """How many alternatives per token to report (0: no logprobs)."""
     what = f"an integer in [0, {MAX_LOGPROBS}]"
