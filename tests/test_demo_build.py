@@ -13,8 +13,9 @@ import time
 
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
-from elm_mlx.demo import DEMO_DIR
+from elm_mlx.demo import DEMO_DIR, DRAFT_DIR
 from elm_mlx.demo import build as demo_build
 from elm_mlx.errors import ElmError
 from elm_mlx.progress import Progress
@@ -75,6 +76,9 @@ def test_every_option_has_help_with_its_default():
         (["--learning-rate", "nan"], "argument --learning-rate: expected a finite number"),
         (["--max-seq-length", "1024"], "argument --max-seq-length: must be in [2, 512], got 1024"),
         (["--vocab-size", "100"], "argument --vocab-size: must be in [300, 32000], got 100"),
+        (["--draft", "--vocab-size", "320"], "argument --vocab-size: not with --draft, whose tokenizer is the bundled"),
+        (["--draft", "--iters", "1"], "argument --warmup: must be fewer than --iters (1), got 1"),
+        (["--draft", "--iters", "0"], "argument --iters: must be >= 1, got 0"),
     ],
 )
 def test_bad_numbers_are_one_usage_line(argv, message, capsys):
@@ -128,6 +132,22 @@ def test_bundled_model_is_never_replaced_without_replace_bundled(corpus, tmp_pat
     assert bundled_state() == before
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--draft", "--out", str(DRAFT_DIR), "--force"],
+        ["--draft", "--out", str(DRAFT_DIR / "inner")],
+        ["--draft", "--out", str(DEMO_DIR), "--force"],
+        ["--draft", "--replace-bundled", "--out", str(DEMO_DIR)],  # --replace-bundled with --draft names the draft only
+        ["--out", str(DRAFT_DIR), "--force"],
+    ],
+)
+def test_bundled_draft_and_demo_are_never_replaced_by_the_other_build(corpus, tmp_path, argv):
+    before = bundled_state()
+    refused_quickly(["--corpus", str(corpus)] + argv, tmp_path, "bundled (draft|demo) model|writes only the bundled model")
+    assert bundled_state() == before
+
+
 def test_replace_bundled_names_only_the_bundled_model(corpus, tmp_path):
     before = bundled_state()
     refused_quickly(["--corpus", str(corpus), "--replace-bundled", "--out", str(tmp_path / "m")], tmp_path, "writes only the bundled")
@@ -161,6 +181,37 @@ def test_tiny_build_samples_validation_and_logs_plain_lines(corpus, tmp_path):
     again = subprocess.run(cmd + TINY, capture_output=True, text=True, timeout=60)
     assert again.returncode == 1 and again.stderr.count("\n") == 1 and "already exists; pass --force" in again.stderr
     demo_build.check_paths(out, tmp_path / "w", corpus, force=True, replace_bundled=False)
+
+
+def test_tiny_draft_build_copies_the_bundled_tokenizer(corpus, tmp_path):
+    """--draft: the demo model's tokenizer byte for byte (no --vocab-size), the 2-layer shape, a model elm_mlx loads."""
+    from elm_mlx.load import load
+
+    out = tmp_path / "draft"
+    before = bundled_state()
+    demo_build.main(["--draft", "--corpus", str(corpus), "--out", str(out), "--work", str(tmp_path / "w")] + TINY[:6] + TINY[8:])
+    assert bundled_state() == before
+    assert (out / "tokenizer.model").read_bytes() == (DEMO_DIR / "tokenizer.model").read_bytes()
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_transformer_layers"] == 2 and config["model_dim"] == 192 and config["vocab_size"] == 2048
+    assert "--draft --out DIR --corpus corpus.txt --iters 4" in (out / "README.md").read_text()
+    model, tokenizer = load(str(out), verbose=False)
+    assert tokenizer.vocab_size == 2048 and model.args.num_transformer_layers == 2
+
+
+@pytest.mark.skipif(not DRAFT_DIR.is_dir(), reason="the bundled draft model is not built")
+def test_bundled_draft_shares_the_demo_tokenizer_and_loads(demo):
+    from elm_mlx.load import load
+
+    assert (DRAFT_DIR / "tokenizer.model").read_bytes() == (DEMO_DIR / "tokenizer.model").read_bytes()
+    draft, draft_tokenizer = load(str(DRAFT_DIR), dtype="float32", verbose=False)
+    model, tokenizer = demo
+    parameters = sum(v.size for _, v in tree_flatten(draft.parameters()))
+    assert 0.8e6 < parameters < 1.3e6 and draft.args.vocab_size == model.args.vocab_size
+    text = "ROMEO:\nWhat light through yonder window breaks?"
+    assert draft_tokenizer.encode(text) == tokenizer.encode(text)
+    facts = json.loads((DRAFT_DIR / "training.json").read_text())
+    assert facts["parameters"] == parameters and facts["valid_loss"] < 5.0  # it learnt something (the demo: 4.0)
 
 
 # -- the corpus ------------------------------------------------------------------------------

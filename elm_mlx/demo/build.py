@@ -1,6 +1,7 @@
 """Train the bundled demo model from scratch, end to end.
 
 python -m elm_mlx.demo.build                 writes ./OpenELM-Shakespeare (about an hour on 2 CPU cores)
+python -m elm_mlx.demo.build --draft         writes ./OpenELM-Shakespeare-draft, its 1M-parameter draft model
 
 0. The corpus is tinyshakespeare, downloaded once into elm-mlx's cache and
    checked by its SHA-256 (or any UTF-8 .txt given with --corpus).
@@ -15,8 +16,13 @@ python -m elm_mlx.demo.build                 writes ./OpenELM-Shakespeare (about
    and an Apple-style config.json. The validation loss in the model card is
    measured on exactly those float16 values, over the whole held-out set.
 
+--draft trains the small draft model for speculative decoding instead: a
+2-layer OpenELM of the same family on the same corpus with the same trainer,
+and no tokenizer of its own: it copies the bundled demo model's tokenizer.model
+byte for byte, since a draft must propose exactly the target's token ids.
+
 Every option and output path is checked before any of this starts, and the
-bundled model is replaced only when --replace-bundled asks for it.
+bundled models are replaced only when --replace-bundled asks for it.
 """
 
 import hashlib
@@ -47,7 +53,7 @@ from ..lora.data import eval_batches, holdout_start, load_datasets, read_text
 from ..lora.trainer import TrainingConfig, evaluate, plot_losses, prepare_model, train
 from ..models.openelm import layerwise_multipliers, make_divisible
 from ..tokenizer import SentencePieceTokenizer
-from . import DEMO_DIR, DEMO_NAME
+from . import DEMO_DIR, DEMO_NAME, DRAFT_DIR, DRAFT_NAME
 
 VALID_FRACTION = 0.1
 
@@ -63,10 +69,16 @@ DOWNLOAD_TIMEOUT = 60  # seconds without data before the download is given up
 # with head_dim 32 that is what lets the head counts vary at this width, and
 # on MLX's CPU backend attention (its exp) dominates training time at 16 heads.
 SHAPE = dict(num_transformer_layers=6, model_dim=256, head_dim=32, num_gqa_groups=2, vocab_size=2048, ffn_dim_divisor=64)
+# The draft: 1.1M parameters. Two layers, because on a CPU a small model's step costs about per layer
+# (dispatch, attention), not per parameter, and a draft must cost a small fraction of the target's step.
+DRAFT_SHAPE = dict(SHAPE, num_transformer_layers=2, model_dim=192)
+DEFAULT_ITERS = 800
+DRAFT_ITERS = 1000  # the bundled draft's: about 20 minutes on 2 shared CPU cores (the 2-layer model steps about 3x faster)
 
 
-def demo_config(vocab_size: int = SHAPE["vocab_size"]) -> dict:
-    n, dim, head_dim, groups = (SHAPE[k] for k in ("num_transformer_layers", "model_dim", "head_dim", "num_gqa_groups"))
+def demo_config(vocab_size: int = SHAPE["vocab_size"], shape: Optional[dict] = None) -> dict:
+    shape = shape or SHAPE
+    n, dim, head_dim, groups = (shape[k] for k in ("num_transformer_layers", "model_dim", "head_dim", "num_gqa_groups"))
     query_dims = [make_divisible(dim * m, head_dim * groups) for m in layerwise_multipliers(0.5, 1.0, n)]
     query_heads = [q // head_dim for q in query_dims]
     return {
@@ -74,7 +86,7 @@ def demo_config(vocab_size: int = SHAPE["vocab_size"]) -> dict:
         "architectures": ["OpenELMForCausalLM"],
         "model_type": "openelm",
         "torch_dtype": "float16",
-        **SHAPE,
+        **shape,
         "vocab_size": vocab_size,
         "num_query_heads": query_heads,
         "num_kv_heads": [q // groups for q in query_heads],
@@ -150,19 +162,32 @@ def write_hf_checkpoint(directory: Path, config: dict, weights: dict) -> None:
     (directory / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def model_card(config: dict, facts: dict) -> str:
+def model_card(config: dict, facts: dict, draft: bool = False) -> str:
     params = facts["parameters"]
-    return f"""# OpenELM-Shakespeare (elm-mlx demo model)
+    if draft:
+        head = f"""# {DRAFT_NAME} (elm-mlx demo draft model)
+
+A {params / 1e6:.1f}M-parameter OpenELM trained from scratch by elm-mlx's own trainer as the draft model for
+speculative decoding with the bundled demo model {DEMO_NAME}: same corpus, same trainer, and the demo model's
+own tokenizer (tokenizer.model is a byte-identical copy), so every token it proposes means the same to the target.
+On its own it writes worse Shakespeare than {DEMO_NAME}; it exists to be cheap and often right about the next token.
+"""
+        tokenizer_line = f"- tokenizer: {DEMO_NAME}'s SentencePiece BPE ({config['vocab_size']} pieces), copied, not retrained"
+    else:
+        head = f"""# {DEMO_NAME} (elm-mlx demo model)
 
 A {params / 1e6:.1f}M-parameter OpenELM trained from scratch by elm-mlx's own trainer, bundled so that
 `python -m elm_mlx.generate --prompt "ROMEO:"` works offline on a fresh machine. It writes Shakespeare-like
 text; it knows nothing else. For real work use Apple's models, e.g. `--model apple/OpenELM-270M-Instruct`.
+"""
+        tokenizer_line = f"- tokenizer: SentencePiece BPE, {config['vocab_size']} pieces, byte fallback, trained on the training split"
+    return f"""{head}
 
 - architecture: OpenELM, {config["num_transformer_layers"]} layers, model_dim {config["model_dim"]}, head_dim {config["head_dim"]},
   query heads {config["num_query_heads"]}, kv heads {config["num_kv_heads"]},
   FFN multipliers {config["ffn_multipliers"]} (layer-wise scaling), tied embeddings
 - parameters: {params:,}; weights float16 ({facts["weights_bytes"] / 1e6:.1f} MB), Hugging Face layout and names
-- tokenizer: SentencePiece BPE, {config["vocab_size"]} pieces, byte fallback, trained on the training split
+{tokenizer_line}
 - data: {facts["corpus"]} ({facts["corpus_chars"]:,} characters); the last 10% (cut at a line break) is held out
   for validation; {facts["train_tokens"]:,} training tokens, {facts["valid_tokens"]:,} validation tokens
 - training: {facts["iters"]} steps of {facts["batch_size"]} x {facts["max_seq_length"]} tokens (about {facts["epochs"]:.1f} epochs),
@@ -246,18 +271,23 @@ def _overlap(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
-def check_paths(out: Path, work: Path, corpus: Optional[Path], force: bool, replace_bundled: bool) -> None:
+BUNDLED = {"demo model": DEMO_DIR, "draft model": DRAFT_DIR}
+
+
+def check_paths(out: Path, work: Path, corpus: Optional[Path], force: bool, replace_bundled: bool, draft: bool = False) -> None:
     """Refuse now, in one line, any --out or --work the build could not or should not write an hour from now."""
+    target = DRAFT_DIR if draft else DEMO_DIR
     if replace_bundled:
-        if out.resolve() != DEMO_DIR:
-            raise ElmError(f"--replace-bundled writes only the bundled model {DEMO_DIR}; drop --out {out}, or drop --replace-bundled")
-    elif _overlap(out, DEMO_DIR):
-        raise ElmError(
-            f"--out {out} is, holds or lies in the bundled demo model {DEMO_DIR}; "
-            "choose another --out (or, to rebuild the bundled model itself, pass --replace-bundled)"
-        )
-    if _overlap(work, DEMO_DIR):
-        raise ElmError(f"--work {work} is, holds or lies in the bundled demo model {DEMO_DIR}; choose another --work")
+        if out.resolve() != target:
+            raise ElmError(f"--replace-bundled writes only the bundled model {target}; drop --out {out}, or drop --replace-bundled")
+    for what, bundled in BUNDLED.items():
+        if not (replace_bundled and bundled == target) and _overlap(out, bundled):
+            raise ElmError(
+                f"--out {out} is, holds or lies in the bundled {what} {bundled}; "
+                "choose another --out (or, to rebuild a bundled model itself, pass --replace-bundled)"
+            )
+        if _overlap(work, bundled):
+            raise ElmError(f"--work {work} is, holds or lies in the bundled {what} {bundled}; choose another --work")
     if _overlap(out, work):
         raise ElmError(f"--out {out} and --work {work} must be separate directories, neither inside the other")
     check_output_path(out, "--out")
@@ -270,18 +300,43 @@ def check_paths(out: Path, work: Path, corpus: Optional[Path], force: bool, repl
 # --------------------------------------------------------------------------
 
 
+def bundled_tokenizer() -> bytes:
+    """The demo model's tokenizer.model, which a draft must share byte for byte."""
+    try:
+        return (DEMO_DIR / "tokenizer.model").read_bytes()
+    except OSError as e:
+        raise ElmError(
+            f"--draft reuses the bundled demo model's tokenizer, and {DEMO_DIR / 'tokenizer.model'} cannot be read: {e.strerror or e}"
+        ) from None
+
+
 def build(
-    corpus: Path, out: Path, work: Path, training: TrainingConfig, vocab_size: int, force: bool, command: str = "", say=print
+    corpus: Path,
+    out: Path,
+    work: Path,
+    training: TrainingConfig,
+    vocab_size: int,
+    force: bool,
+    command: str = "",
+    say=print,
+    draft: bool = False,
 ) -> dict:
     start = time.perf_counter()
     text = read_text(corpus)
-    config = demo_config(vocab_size)
     cut = holdout_start(text, VALID_FRACTION)  # the same split load_datasets makes below
-    say(f"corpus {corpus}: {len(text):,} characters; training a {vocab_size}-piece tokenizer on the first {1 - VALID_FRACTION:.0%}")
-    tokenizer_bytes = train_tokenizer(text[:cut], vocab_size)
+    if draft:
+        tokenizer_bytes = bundled_tokenizer()
+        say(f"corpus {corpus}: {len(text):,} characters; the draft reuses {DEMO_NAME}'s tokenizer")
+    else:
+        say(f"corpus {corpus}: {len(text):,} characters; training a {vocab_size}-piece tokenizer on the first {1 - VALID_FRACTION:.0%}")
+        tokenizer_bytes = train_tokenizer(text[:cut], vocab_size)
     work.mkdir(parents=True, exist_ok=True)
     (work / "tokenizer.model").write_bytes(tokenizer_bytes)
     tokenizer = SentencePieceTokenizer(work / "tokenizer.model")
+    if draft:
+        vocab_size = tokenizer.vocab_size
+    config = demo_config(vocab_size, DRAFT_SHAPE if draft else SHAPE)
+    name = DRAFT_NAME if draft else DEMO_NAME
     datasets = load_datasets(str(corpus), tokenizer, training.max_seq_length, valid_fraction=VALID_FRACTION)
 
     model = build_model(config)
@@ -294,7 +349,7 @@ def build(
         f"model: {parameters / 1e6:.1f}M parameters; {training.iters} steps of {training.batch_size} x {training.max_seq_length} tokens, "
         f"validating on {sample} of {all_batches} held-out batches every {training.eval_every} steps"
     )
-    state = train(model, datasets, training, work / "run", {"title": f"{DEMO_NAME} (demo), full training"}, resume=False, log=say)
+    state = train(model, datasets, training, work / "run", {"title": f"{name} (demo), full training"}, resume=False, log=say)
 
     # What ships is float16: measure the validation loss of exactly those values, on the whole held-out set.
     weights = {k: v.astype(mx.float16).astype(mx.float32) for k, v in tree_flatten(model.parameters())}
@@ -345,9 +400,9 @@ def build(
                 indent=2,
             )
         )
-        (staging / "README.md").write_text(model_card(config, facts))
+        (staging / "README.md").write_text(model_card(config, facts, draft))
         (staging / "training.json").write_text(json.dumps(facts, indent=2))
-        plot_losses(state, staging / "loss.png", f"{DEMO_NAME} demo: full training from scratch")
+        plot_losses(state, staging / "loss.png", f"{name} demo: full training from scratch")
     return facts
 
 
@@ -370,17 +425,23 @@ def build_parser() -> ArgumentParser:
         help=f"UTF-8 .txt file to train on (default: {CORPUS_NAME}, downloaded once from {CORPUS_URL} into "
         f"{cached_corpus()} and checked by its SHA-256)",
     )
-    p.add_argument("--out", type=Path, help=f"directory to write the model to (default: ./{DEMO_NAME})")
+    p.add_argument(
+        "--draft",
+        action="store_true",
+        help=f"train the 1M-parameter draft model for speculative decoding ({DRAFT_NAME}: 2 layers, the bundled "
+        f"demo model's tokenizer copied, not retrained) instead of the demo model",
+    )
+    p.add_argument("--out", type=Path, help=f"directory to write the model to (default: ./{DEMO_NAME}, with --draft ./{DRAFT_NAME})")
     p.add_argument("--force", action="store_true", help="replace --out if it holds an earlier build (never the bundled model)")
     p.add_argument(
         "--replace-bundled",
         action="store_true",
-        help=f"write the result over the bundled model {DEMO_DIR} (for maintainers; default: never)",
+        help=f"write the result over the bundled model {DEMO_DIR} (with --draft {DRAFT_DIR}; for maintainers; default: never)",
     )
     p.add_argument(
         "--work", type=Path, default=Path("demo-build"), help="scratch directory for the tokenizer and checkpoints (default: %(default)s)"
     )
-    p.add_argument("--iters", type=positive_int, default=800, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--iters", type=positive_int, help=f"optimizer steps (default: {DEFAULT_ITERS}, with --draft {DRAFT_ITERS})")
     p.add_argument("--batch-size", type=positive_int, default=16, help="sequences per step (default: %(default)s)")
     p.add_argument(
         "--max-seq-length",
@@ -400,7 +461,9 @@ def build_parser() -> ArgumentParser:
         "The figures recorded at the end always use all of it (default: %(default)s)",
     )
     p.add_argument(
-        "--vocab-size", type=int_at_least(300, 32000), default=SHAPE["vocab_size"], help="tokenizer pieces (default: %(default)s)"
+        "--vocab-size",
+        type=int_at_least(300, 32000),
+        help=f"tokenizer pieces (default: {SHAPE['vocab_size']}; not with --draft, which reuses the bundled tokenizer)",
     )
     p.add_argument("--seed", type=SEED, default=0, help="seed for the initial weights and the batch order (default: %(default)s)")
     return p
@@ -409,20 +472,27 @@ def build_parser() -> ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> None:
     p = build_parser()
     args = p.parse_args(argv)
-    warmup = max(1, args.iters // 20) if args.warmup is None else args.warmup
-    if warmup >= args.iters:
-        p.error(f"argument --warmup: must be fewer than --iters ({args.iters}), got {warmup}")
-    out = args.out or (DEMO_DIR if args.replace_bundled else Path(DEMO_NAME))
+    if args.draft and args.vocab_size is not None:
+        p.error(f"argument --vocab-size: not with --draft, whose tokenizer is the bundled {DEMO_NAME}'s ({SHAPE['vocab_size']} pieces)")
+    iters = args.iters or (DRAFT_ITERS if args.draft else DEFAULT_ITERS)
+    vocab_size = args.vocab_size or SHAPE["vocab_size"]
+    warmup = max(1, iters // 20) if args.warmup is None else args.warmup
+    if warmup >= iters:
+        p.error(f"argument --warmup: must be fewer than --iters ({iters}), got {warmup}")
+    bundled, name = (DRAFT_DIR, DRAFT_NAME) if args.draft else (DEMO_DIR, DEMO_NAME)
+    out = args.out or (bundled if args.replace_bundled else Path(name))
     if args.corpus is not None:
         if not args.corpus.is_file():
             raise ElmError(f"--corpus {args.corpus} is not a file")
         if args.corpus.suffix != ".txt":
             raise ElmError(f"--corpus {args.corpus}: the corpus must be a UTF-8 text file named *.txt")
-    check_paths(out, args.work, args.corpus, args.force, args.replace_bundled)
+    check_paths(out, args.work, args.corpus, args.force, args.replace_bundled, args.draft)
+    if args.draft:
+        bundled_tokenizer()  # unreadable: one line now, not after training
     training = TrainingConfig(
         fine_tune_type="full",
         batch_size=args.batch_size,
-        iters=args.iters,
+        iters=iters,
         learning_rate=args.learning_rate,
         warmup=warmup,
         min_lr_ratio=0.1,
@@ -431,19 +501,21 @@ def main(argv: Optional[List[str]] = None) -> None:
         max_seq_length=args.max_seq_length,
         seed=args.seed,
         report_every=25,
-        eval_every=max(1, args.iters // 10),
+        eval_every=max(1, iters // 10),
         val_batches=args.val_batches,
-        save_every=max(1, args.iters // 10),
+        save_every=max(1, iters // 10),
     )
     training.check()
     corpus = args.corpus or find_corpus()
-    facts = build(corpus, out, args.work, training, args.vocab_size, args.force or args.replace_bundled, _command(args, warmup))
+    facts = build(
+        corpus, out, args.work, training, vocab_size, args.force or args.replace_bundled, _command(args, warmup), draft=args.draft
+    )
     print(f"wrote {out}: validation loss {facts['valid_loss']:.4f} (ppl {math.exp(facts['valid_loss']):.2f}) in {facts['minutes']:.1f} min")
 
 
 def _command(args, warmup: int) -> str:
     """The command that repeats this build, for the model card."""
-    words = ["python -m elm_mlx.demo.build", "--out DIR"]
+    words = ["python -m elm_mlx.demo.build"] + (["--draft"] if args.draft else []) + ["--out DIR"]
     if args.corpus is not None:
         words.append(f"--corpus {args.corpus.name}")
     defaults = build_parser().parse_args([])
