@@ -413,4 +413,7 @@ def speculative_stream(
             for piece in text.add(token):
                 yield response(piece, logprobs[j])
             if text.finish_reason is not None:
+                if cache[0].offset < len(fed):  # the last token too, as plain decoding leaves it (a PromptCache reuses it)
+                    model(mx.array([token], dtype=mx.uint32)[None], cache=cache)
+                    mx.eval([c.state for c in cache])
                 return
