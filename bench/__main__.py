@@ -4,6 +4,7 @@ python -m bench --quick                       # tiny shapes, a couple of minutes
 python -m bench --models openelm-1_1B olmo-1B --dtypes float32
 python -m bench --model path/to/mlx-model     # a real checkpoint instead of random weights
 python -m bench serve --help                  # the HTTP server under concurrent streams (bench/serve.py)
+python -m bench speculative --help            # prompt lookup, draft model, compiled step (bench/speculative.py)
 """
 
 import os
@@ -40,7 +41,8 @@ FAMILIES = {"openelm": "OpenELM", "olmo": "OLMo"}
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(
         prog="python -m bench",
-        description="Throughput and memory of OpenELM and OLMo on MLX. `bench serve` measures the HTTP server under concurrent streams (see `bench serve --help`).",
+        description="Throughput and memory of OpenELM and OLMo on MLX. `bench serve` measures the HTTP server under concurrent streams (see `bench serve --help`), "
+        "`bench speculative` speculative decoding (see `bench speculative --help`).",
     )
     p.add_argument(
         "--models",
@@ -150,6 +152,12 @@ def main(argv=None) -> None:
         if cli.invoked_as is not None:
             cli.invoked_as += " serve"
         return serve.main(argv[1:])
+    if argv[:1] == ["speculative"]:
+        from . import speculative
+
+        if cli.invoked_as is not None:
+            cli.invoked_as += " speculative"
+        return speculative.main(argv[1:])
     args = build_parser().parse_args(argv)
     quick = args.quick
     # Ranges are checked by the parser; None (not 0) means "the default".
