@@ -253,14 +253,14 @@ def verify(
     drafts: Sequence[int],
     draft_probs: Optional[mx.array],
     sampling: SamplingParams,
-    keys: Sequence[mx.array],
+    keys: Optional[Sequence[mx.array]] = None,
 ) -> tuple:
     """How many proposals the target accepts, and the token it puts after them.
 
     logprobs: (k+1, vocab), row j the target's log-probabilities after the
     j-th proposal. draft_probs: (k, vocab), the distributions the proposals
     were drawn from; None for a deterministic proposal (prompt lookup, or
-    greedy drafting). keys: two per row (acceptance test, replacement draw).
+    greedy drafting). keys: (acceptance tests, replacement draw), when sampling.
     Returns (accepted, next token) as ints.
     """
     k = len(drafts)
@@ -269,30 +269,30 @@ def verify(
         accepted = next((j for j in range(k) if drafts[j] != best[j]), k)
         return accepted, best[accepted]
     p = mx.softmax(sampling_logits(logprobs, sampling), axis=-1)  # (k+1, vocab) float32
-    vocab = p.shape[1]
-    q = mx.zeros((1, vocab), p.dtype)  # after the last proposal: draw from p itself
-    accept = mx.zeros((0,), mx.bool_)
+    accepted = k
     if k:
         rows, ids = mx.arange(k), mx.array(list(drafts), dtype=mx.int32)
-        if draft_probs is None:  # a deterministic proposal: q is one-hot
-            proposed = mx.put_along_axis(mx.zeros((k, vocab), p.dtype), ids[:, None], mx.array(1.0, p.dtype), axis=1)
+        p_d = p[rows, ids]
+        q_d = draft_probs[rows, ids].astype(p.dtype) if draft_probs is not None else 1.0  # a deterministic proposal: q is one-hot
+        flags = (mx.random.uniform(shape=(k,), key=keys[0]) * q_d < p_d).tolist()  # accept with probability min(1, p/q)
+        accepted = next((j for j in range(k) if not flags[j]), k)
+    row = p[accepted]
+    if accepted < k:  # rejected: draw from max(0, p - q), normalised
+        if draft_probs is not None:
+            residual = mx.maximum(row - draft_probs[accepted].astype(p.dtype), 0.0)
         else:
-            proposed = draft_probs.astype(p.dtype)
-        q = mx.concatenate([proposed, q])
-        u = mx.stack([mx.random.uniform(key=keys[j][0]) for j in range(k)])
-        accept = u * q[rows, ids] < p[rows, ids]  # probability min(1, p/q)
-    residual = mx.maximum(p - q, 0.0)
-    empty = residual.sum(axis=-1, keepdims=True) <= 0  # p == q up to rounding: a rejection there is rounding too
-    weights = mx.log(mx.where(empty, p, residual))
-    replacement = mx.stack([mx.random.categorical(weights[j], key=keys[j][1]) for j in range(k + 1)])
-    mx.eval(accept, replacement)
-    flags = accept.tolist()
-    accepted = next((j for j in range(k) if not flags[j]), k)
-    return accepted, replacement[accepted].item()
+            residual = mx.where(mx.arange(row.size) == drafts[accepted], 0.0, row)
+        row = mx.where(residual.sum() > 0, residual, row)  # p == q up to rounding: a rejection there is rounding too
+    return accepted, mx.random.categorical(mx.log(row), key=keys[1]).item()
 
 
 class _Keys:
-    """One key per output position, split into (draft draw, acceptance test, replacement draw), made on demand."""
+    """One key per output position, split into (draft draw, acceptance tests, replacement draw), made on demand.
+
+    A pass that starts at position n tests its proposals and draws its
+    replacement with n's keys; later passes start further on, so every test
+    uses fresh randomness, and a seed gives the same text every time.
+    """
 
     def __init__(self, seed: Optional[int]):
         self.stream: Iterator[mx.array] = key_stream(seed)
@@ -371,13 +371,14 @@ def speculative_stream(
 
     while True:
         k = max(0, min(k_now, max_tokens - emitted - 1))
-        row_keys = [keys.at(emitted + j) for j in range(k + 1)] if keys is not None else []
+        pass_keys = keys.at(emitted)[1:] if keys is not None else None
         draft_probs = None
         if lookup is not None:
             proposals = lookup.propose(k)
             draft_ids = mx.array(proposals, dtype=mx.uint32)
         elif k:
-            draft_ids, draft_probs = drafter.propose(seq, k, [rk[0] for rk in row_keys])
+            draft_keys = [keys.at(emitted + j)[0] for j in range(k)] if keys is not None else []
+            draft_ids, draft_probs = drafter.propose(seq, k, draft_keys)
         else:
             draft_ids = mx.zeros((0,), mx.uint32)
         inputs = mx.concatenate([mx.array(seq[-1:], dtype=mx.uint32), draft_ids])
@@ -390,7 +391,7 @@ def speculative_stream(
         else:
             logprobs = _processed(logits, None, ())
         proposals = draft_ids.tolist()
-        accepted, last = verify(logprobs, proposals, draft_probs, sampling, [rk[1:] for rk in row_keys])
+        accepted, last = verify(logprobs, proposals, draft_probs, sampling, pass_keys)
         for c in cache:  # keep the pending token and the accepted proposals; drop the rest
             c.trim(k - accepted)
         if drafter is not None:

@@ -234,7 +234,7 @@ def test_speculative_sampling_keeps_the_target_distribution(tiny, olmo, proposal
             d, probs = mx.random.categorical(mx.log(q[0]), key=key[0]).item(), q
         else:
             d, probs = second, None  # prompt lookup proposes the target's second choice every time
-        accepted, token = verify(rows, [d], probs, SAMPLING, [key[1:], key[1:]])
+        accepted, token = verify(rows, [d], probs, SAMPLING, key[1:])
         first[d if accepted else token] += 1
         if accepted:
             after[token] += 1
