@@ -79,3 +79,19 @@ def test_a_batching_server_refuses_speculation_and_still_batches(demo):
     reply = complete(client, prompt_lookup=8)
     assert reply.status_code == 400 and "--max-batch 1" in reply.json()["error"]["message"]
     assert complete(client, max_tokens=4, prompt_lookup=0).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--draft-model", "somewhere"], "--draft-model needs --max-batch 1"),
+        (["--max-batch", "1", "--num-draft-tokens", "3"], "needs --draft-model"),
+        (["--max-batch", "1", "--draft-model", "somewhere", "--max-kv-size", "64"], "rotating window"),
+    ],
+)
+def test_serve_refuses_speculation_it_cannot_do_before_loading(args, message):
+    from elm_mlx.errors import ElmError
+    from elm_mlx.server import main
+
+    with pytest.raises(ElmError, match=message):
+        main(["--port", "1"] + args)  # refused before the port or the model is looked at
