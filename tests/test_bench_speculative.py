@@ -59,6 +59,7 @@ def test_quick_run_writes_every_figure_and_speculation_is_exact(tmp_path, env, d
     assert all(e["speedup"] == 1.0 for e in results["speedups"] if e["method"] == "plain")
     assert set(results["costs"]) == {"demo", "demo draft", "openelm-tiny (draft)", "openelm-tiny (target)"}
     assert set(results["costs"]["demo"]["steps"]["plain"]) == {"1", "3", "5"}  # 1 token, draft K=2 + 1, lookup K=4 + 1
+    assert set(results["costs"]["openelm-tiny (target)"]["steps"]["compiled"]) == {"1", "3"}  # the shape pair: draft K=2 only
     assert [p["pair"] for p in results["predictions"]] == ["demo -> its draft"] + ["openelm-tiny <- openelm-tiny"] * 3
     markdown = (out / "results.md").read_text()
     assert "Speedup over plain greedy" in markdown and "lookup K=4" in markdown and "Expected draft-model speedup" in markdown
