@@ -137,7 +137,8 @@ def add_kv_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_speculative_options(p: argparse.ArgumentParser, prompt_lookup: bool = True) -> None:
-    """Speculative decoding (elm_mlx.speculative): a draft model or prompt lookup proposes, the model verifies."""
+    """Speculative decoding (elm_mlx.speculative): a draft model or prompt lookup proposes, the model verifies.
+    Without prompt_lookup (the server, where it is a request field) only the draft model's options."""
     from .speculative import DEFAULT_DRAFT_TOKENS, DEFAULT_MAX_NGRAM, DEFAULT_MIN_NGRAM, MAX_DRAFT_TOKENS, MAX_NGRAM
 
     g = p.add_argument_group("speculative decoding", "several tokens per pass of the model; greedy text unchanged, sampling exact")
@@ -145,7 +146,9 @@ def add_speculative_options(p: argparse.ArgumentParser, prompt_lookup: bool = Tr
         "--draft-model",
         metavar="PATH_OR_REPO",
         default=None,
-        help="a small model with the same tokenizer proposes tokens, e.g. OpenELM-270M for 1.1B or 3B (default: none)",
+        help="a small model with the same tokenizer proposes tokens, e.g. OpenELM-270M for 1.1B or 3B"
+        + ("" if prompt_lookup else "; the server then needs --max-batch 1")
+        + " (default: none)",
     )
     g.add_argument(
         "--num-draft-tokens",
