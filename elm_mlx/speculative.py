@@ -155,14 +155,38 @@ def check_cache(cache: Sequence) -> None:
 # --------------------------------------------------------------------------
 
 
+BACKOFF_AFTER = 3  # prompt lookup: passes in a row with nothing accepted before it pauses
+MAX_PAUSE = 16  # tokens decoded plainly, at most, before it tries again
+
+
 class LookupProposer:
-    """Proposals from the text itself: after the latest earlier occurrence of its last n tokens, what followed."""
+    """Proposals from the text itself: after the latest earlier occurrence of its last n tokens, what followed.
+
+    Text with nothing to copy still has short n-grams that recur by chance,
+    and every wrong proposal costs the model a wider pass. So after
+    BACKOFF_AFTER passes in a row with nothing accepted, it pauses for 1, 2,
+    4... passes (at most MAX_PAUSE), proposing nothing (plain single-token
+    passes), until a proposal is accepted again.
+    """
 
     def __init__(self, options: PromptLookup, tokens: Sequence[int]):
         self.options = options
         self.buffer = np.zeros(max(64, 2 * len(tokens)), dtype=np.int64)
         self.size = 0
+        self.misses = 0  # passes in a row whose proposals were all rejected
+        self.pause = 0  # passes left without proposals
         self.extend(tokens)
+
+    def feedback(self, proposed: int, accepted: int) -> None:
+        """How the last proposal went."""
+        if not proposed:
+            return
+        if accepted:
+            self.misses = 0
+            return
+        self.misses += 1
+        if self.misses >= BACKOFF_AFTER:
+            self.pause = min(MAX_PAUSE, 2 ** (self.misses - BACKOFF_AFTER))
 
     def extend(self, tokens: Sequence[int]) -> None:
         n = self.size + len(tokens)
@@ -174,7 +198,10 @@ class LookupProposer:
         self.size = n
 
     def propose(self, k: int) -> List[int]:
-        """At most k tokens (none when no n-gram of the allowed sizes recurs)."""
+        """At most k tokens (none when no n-gram of the allowed sizes recurs, or while pausing)."""
+        if self.pause:
+            self.pause -= 1
+            return []
         text = self.buffer[: self.size]
         for n in range(min(self.options.max_ngram, self.size - 1), self.options.min_ngram - 1, -1):
             suffix = text[-n:]
@@ -402,6 +429,7 @@ def speculative_stream(
         seq += new
         if lookup is not None:
             lookup.extend(new)
+            lookup.feedback(k, accepted)
         passes += 1
         drafted += k
         accepted_total += accepted

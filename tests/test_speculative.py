@@ -275,6 +275,21 @@ def test_lookup_proposes_what_followed_the_latest_longest_match():
     assert proposer.propose(2) == [3, 1]
 
 
+def test_lookup_pauses_after_rejections_and_comes_back():
+    proposer = LookupProposer(PromptLookup(2, 1, 2), [1, 2, 3, 1, 2])
+    for _ in range(2):
+        proposer.feedback(2, 0)
+        assert proposer.propose(2) == [3, 1]  # two passes with nothing accepted: still proposing
+    proposer.feedback(2, 0)  # the third: pause for one pass
+    assert proposer.propose(2) == [] and proposer.propose(2) == [3, 1]
+    proposer.feedback(0, 0)  # a pass without proposals says nothing
+    proposer.feedback(2, 0)  # the fourth: pause for two
+    assert [proposer.propose(2) for _ in range(3)] == [[], [], [3, 1]]
+    proposer.feedback(2, 1)  # something accepted: no more pauses
+    proposer.feedback(2, 0)
+    assert proposer.propose(2) == [3, 1]
+
+
 # --------------------------------------------------------------------------
 # Bad input: one line each
 # --------------------------------------------------------------------------
