@@ -181,10 +181,10 @@ def parse_speculative(body: dict, refused: Optional[str] = None) -> Dict[str, An
             raise RequestError(
                 f"'prompt_lookup' has no field {unknown[0][:40]!r} (num_tokens, min_ngram, max_ngram)", param="prompt_lookup"
             )
-        fields = {name: typed(value, name, int, None, what="an integer") for name in ("num_tokens", "min_ngram", "max_ngram")}
         try:
+            fields = {name: typed(value, name, int, None, what="an integer") for name in ("num_tokens", "min_ngram", "max_ngram")}
             lookup = PromptLookup(**{name: v for name, v in fields.items() if v is not None})
-        except ElmError as e:
+        except (ElmError, RequestError) as e:
             raise RequestError(f"'prompt_lookup': {e}", param="prompt_lookup") from None
     else:
         k = typed(
