@@ -246,7 +246,7 @@ def check_speculative_args(args) -> None:
 
 def speculative_from_args(args, model, tokenizer, verbose: bool = True) -> dict:
     """stream_generate's speculative keywords: loads the draft model (in --dtype, unquantized) and checks its tokenizer."""
-    from .speculative import PromptLookup, load_draft
+    from .speculative import DEFAULT_DRAFT_TOKENS, PromptLookup, load_draft
 
     check_speculative_args(args)
     lookup = getattr(args, "prompt_lookup", None)
@@ -256,7 +256,7 @@ def speculative_from_args(args, model, tokenizer, verbose: bool = True) -> dict:
     if args.draft_model is None:
         return {}
     draft = load_draft(args.draft_model, tokenizer, model, dtype=args.dtype, verbose=verbose)
-    return {"draft_model": draft, "num_draft_tokens": args.num_draft_tokens, "adaptive_draft": args.adaptive_draft}
+    return {"draft_model": draft, "num_draft_tokens": args.num_draft_tokens or DEFAULT_DRAFT_TOKENS, "adaptive_draft": args.adaptive_draft}
 
 
 def unescape(text: str) -> str:

@@ -185,6 +185,8 @@ def main(argv=None) -> None:
     )
     details = [f"context {engine.context_length} tokens"] if engine.context_length else []
     details.append(f"up to {args.max_batch} requests at once")
+    if args.draft_model is not None:
+        details.append(f"drafting with {args.draft_model}, {speculative['num_draft_tokens']} tokens a pass")
     url = f"http://{f'[{args.host}]' if ':' in args.host else args.host}:{args.port}"
     announce = f"serving {name} at {url}/v1 ({', '.join(details)}), chat page at {url}/"
 
