@@ -278,7 +278,7 @@ def stream_generate(
     reused = prompt_cache.reuse(prompt_ids) if prompt_cache is not None else 0
     fed = list(prompt_ids)  # every token the model has seen, for the prompt cache
     cache = prompt_cache.cache if prompt_cache is not None else make_cache(model, kv)
-    run = _stream if spec is None else partial(speculative_stream, spec=spec)
+    run = _stream if spec is None else partial(speculative_stream, spec=spec, prompt_cache=prompt_cache)
     try:
         yield from run(model, tokenizer, prompt_ids, reused, fed, max_tokens, sampling, stop, seed, prefill_step_size, cache, cancel)
     finally:

@@ -19,6 +19,7 @@ draw), so a seeded run is reproducible.
 """
 
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, Union
 
@@ -26,7 +27,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cache import KVCache, QuantizedKVCache, make_cache
+from .cache import KVCache, PromptCache, QuantizedKVCache, make_cache
 from .errors import ElmError
 from .generation import Cancelled, GenerationResponse, Piece, TextStream, prefill_chunk
 from .sample import SamplingParams, key_stream, make_logits_processors, sampling_logits
@@ -215,11 +216,29 @@ class LookupProposer:
         return []
 
 
-class DraftProposer:
-    """A small model with its own KV cache, kept in step with the text (trimmed after rejections)."""
+_draft_caches: "weakref.WeakKeyDictionary[PromptCache, tuple]" = weakref.WeakKeyDictionary()
 
-    def __init__(self, draft: nn.Module, sampling: SamplingParams):
+
+def draft_prompt_cache(prompt_cache: PromptCache, draft: nn.Module) -> PromptCache:
+    """The draft's own PromptCache, kept beside the model's: a conversation's next turn (chat, the serial server)
+    then recomputes its history in neither model."""
+    held = _draft_caches.get(prompt_cache)
+    if held is None or held[0] is not draft:
+        held = (draft, PromptCache(draft))
+        _draft_caches[prompt_cache] = held
+    return held[1]
+
+
+class DraftProposer:
+    """A small model with its own KV cache, kept in step with the text (trimmed after rejections).
+
+    With a PromptCache (see draft_prompt_cache) it starts from the prefix
+    that cache holds and leaves it holding the text for the next call.
+    """
+
+    def __init__(self, draft: nn.Module, sampling: SamplingParams, prompt_cache: Optional[PromptCache] = None):
         self.model = draft
+        self.store = prompt_cache
         self.cache = make_cache(draft)
         self.sampling = sampling
         self.processors = make_logits_processors(sampling)
@@ -227,6 +246,9 @@ class DraftProposer:
 
     def prefill(self, tokens: Sequence[int], step_size: int, cancel: Optional[Callable[[], bool]]) -> None:
         """Compute all but the last of `tokens` (the last goes with the first proposal)."""
+        if self.store is not None:
+            self.fed = self.store.reuse(tokens)
+            self.cache = self.store.cache
         ids = mx.array(tokens, dtype=mx.uint32)
         while self.fed < len(tokens) - 1:
             if cancel is not None and cancel():
@@ -254,6 +276,12 @@ class DraftProposer:
             inputs = token
         self.fed = len(text) + k - 1  # the last draft is not fed
         return mx.concatenate(drafts), (mx.concatenate(probs) if probs else None)
+
+    def finish(self, text: Sequence[int]) -> None:
+        """Leave the PromptCache holding what the draft has computed of `text` (only verified tokens: `fed` counts
+        proposals until rollback, and `text` grows only after it)."""
+        if self.store is not None:
+            self.store.record(list(text[: self.fed]))
 
     def rollback(self, valid: int) -> None:
         """Keep only the first `valid` tokens of the text in the cache."""
@@ -350,11 +378,12 @@ def speculative_stream(
     cache: list,
     cancel: Optional[Callable[[], bool]],
     spec: Speculation,
+    prompt_cache: Optional[PromptCache] = None,
 ) -> Iterator[GenerationResponse]:
-    """What stream_generate yields, computed speculatively (its arguments, and `fed` to extend as tokens come)."""
+    """What stream_generate yields, computed speculatively (its arguments, and `fed` to extend as tokens come).
+
+    With the model's `prompt_cache`, the draft model keeps a cache beside it (draft_prompt_cache)."""
     check_cache(cache)
-    processors = make_logits_processors(sampling)
-    keys = _Keys(seed) if sampling.temp > 0 else None
     mx.reset_peak_memory()
     start = time.perf_counter()
 
@@ -364,85 +393,92 @@ def speculative_stream(
         if cancel is not None and cancel():
             raise Cancelled(done, len(prompt_ids))
         done = prefill_chunk(model, tokens, cache, done, end, prefill_step_size)
-    drafter = DraftProposer(spec.draft, sampling) if spec.draft is not None else None
-    lookup = LookupProposer(spec.lookup, prompt_ids) if spec.lookup is not None else None
-    if drafter is not None:
-        drafter.prefill(prompt_ids, prefill_step_size, cancel)
-
-    text = TextStream(tokenizer, stop, max_tokens)
     seq = list(prompt_ids)  # every token of the text; the last one is not in the cache yet
-    emitted = drafted = accepted_total = passes = first_pass_tokens = 0
-    first_token_time = None
-    k_now = spec.k
-
-    def response(piece: Piece, logprobs=None) -> GenerationResponse:
-        now = time.perf_counter()
-        prefill = (first_token_time or now) - start
-        decode = now - first_token_time if first_token_time else 0.0
-        later = emitted - first_pass_tokens  # the first pass's tokens come with the prefill; decode speed counts the rest
-        return GenerationResponse(
-            text=piece.text,
-            token=piece.token,
-            logprobs=logprobs if piece.token is not None else None,
-            prompt_tokens=len(prompt_ids),
-            prompt_tps=(len(prompt_ids) - reused) / prefill if prefill > 0 else 0.0,
-            generation_tokens=text.generated,
-            generation_tps=later / decode if later > 0 and decode > 0 else 0.0,
-            peak_memory_gb=mx.get_peak_memory() / 1e9,
-            finish_reason=piece.finish_reason,
-            prompt_cached_tokens=reused,
-            draft_tokens=drafted,
-            accepted_tokens=accepted_total,
-            target_passes=passes,
-        )
-
-    while True:
-        k = max(0, min(k_now, max_tokens - emitted - 1))
-        pass_keys = keys.at(emitted)[1:] if keys is not None else None
-        draft_probs = None
-        if lookup is not None:
-            proposals = lookup.propose(k)
-            draft_ids = mx.array(proposals, dtype=mx.uint32)
-        elif k:
-            draft_keys = [keys.at(emitted + j)[0] for j in range(k)] if keys is not None else []
-            draft_ids, draft_probs = drafter.propose(seq, k, draft_keys)
-        else:
-            draft_ids = mx.zeros((0,), mx.uint32)
-        inputs = mx.concatenate([mx.array(seq[-1:], dtype=mx.uint32), draft_ids])
-        k = inputs.size - 1
-        logits = model(inputs[None], cache=cache)[0]
-        if processors:
-            history = mx.concatenate([mx.array(seq, dtype=mx.uint32), draft_ids])
-            rows = [_processed(logits[j : j + 1], history[: len(seq) + j], processors) for j in range(k + 1)]
-            logprobs = mx.concatenate(rows)
-        else:
-            logprobs = _processed(logits, None, ())
-        proposals = draft_ids.tolist()
-        accepted, last = verify(logprobs, proposals, draft_probs, sampling, pass_keys)
-        for c in cache:  # keep the pending token and the accepted proposals; drop the rest
-            c.trim(k - accepted)
+    processors = make_logits_processors(sampling)
+    keys = _Keys(seed) if sampling.temp > 0 else None
+    lookup = LookupProposer(spec.lookup, prompt_ids) if spec.lookup is not None else None
+    drafter = None
+    if spec.draft is not None:
+        drafter = DraftProposer(spec.draft, sampling, draft_prompt_cache(prompt_cache, spec.draft) if prompt_cache is not None else None)
+    try:  # the draft's PromptCache is left holding what it verifiably computed, however this ends
         if drafter is not None:
-            drafter.rollback(len(seq) + min(accepted, max(k - 1, 0)))
-        if spec.adaptive and k:  # grow after a full acceptance, shrink after a rejection
-            k_now = min(spec.k, k_now + 2) if accepted == k else max(1, k_now - 1)
-        new = proposals[:accepted] + [last]
-        seq += new
-        if lookup is not None:
-            lookup.extend(new)
-            lookup.feedback(k, accepted)
-        passes += 1
-        drafted += k
-        accepted_total += accepted
-        if first_token_time is None:
-            first_token_time = time.perf_counter()
-            first_pass_tokens = len(new)
-        for j, token in enumerate(new):
-            fed.append(token)
-            emitted += 1
-            for piece in text.add(token):
-                yield response(piece, logprobs[j])
-            if text.finish_reason is not None:
-                if cache[0].offset < len(fed):  # the last token too, as plain decoding leaves it (a PromptCache reuses it)
-                    model(mx.array([token], dtype=mx.uint32)[None], cache=cache)
-                    mx.eval([c.state for c in cache])
-                return
+            drafter.prefill(prompt_ids, prefill_step_size, cancel)
+        text = TextStream(tokenizer, stop, max_tokens)
+        emitted = drafted = accepted_total = passes = first_pass_tokens = 0
+        first_token_time = None
+        k_now = spec.k
+
+        def response(piece: Piece, logprobs=None) -> GenerationResponse:
+            now = time.perf_counter()
+            prefill = (first_token_time or now) - start
+            decode = now - first_token_time if first_token_time else 0.0
+            later = emitted - first_pass_tokens  # the first pass's tokens come with the prefill; decode speed counts the rest
+            return GenerationResponse(
+                text=piece.text,
+                token=piece.token,
+                logprobs=logprobs if piece.token is not None else None,
+                prompt_tokens=len(prompt_ids),
+                prompt_tps=(len(prompt_ids) - reused) / prefill if prefill > 0 else 0.0,
+                generation_tokens=text.generated,
+                generation_tps=later / decode if later > 0 and decode > 0 else 0.0,
+                peak_memory_gb=mx.get_peak_memory() / 1e9,
+                finish_reason=piece.finish_reason,
+                prompt_cached_tokens=reused,
+                draft_tokens=drafted,
+                accepted_tokens=accepted_total,
+                target_passes=passes,
+            )
+
+        while True:
+            k = max(0, min(k_now, max_tokens - emitted - 1))
+            pass_keys = keys.at(emitted)[1:] if keys is not None else None
+            draft_probs = None
+            if lookup is not None:
+                proposals = lookup.propose(k)
+                draft_ids = mx.array(proposals, dtype=mx.uint32)
+            elif k:
+                draft_keys = [keys.at(emitted + j)[0] for j in range(k)] if keys is not None else []
+                draft_ids, draft_probs = drafter.propose(seq, k, draft_keys)
+            else:
+                draft_ids = mx.zeros((0,), mx.uint32)
+            inputs = mx.concatenate([mx.array(seq[-1:], dtype=mx.uint32), draft_ids])
+            k = inputs.size - 1
+            logits = model(inputs[None], cache=cache)[0]
+            if processors:
+                history = mx.concatenate([mx.array(seq, dtype=mx.uint32), draft_ids])
+                rows = [_processed(logits[j : j + 1], history[: len(seq) + j], processors) for j in range(k + 1)]
+                logprobs = mx.concatenate(rows)
+            else:
+                logprobs = _processed(logits, None, ())
+            proposals = draft_ids.tolist()
+            accepted, last = verify(logprobs, proposals, draft_probs, sampling, pass_keys)
+            for c in cache:  # keep the pending token and the accepted proposals; drop the rest
+                c.trim(k - accepted)
+            if drafter is not None:
+                drafter.rollback(len(seq) + min(accepted, max(k - 1, 0)))
+            if spec.adaptive and k:  # grow after a full acceptance, shrink after a rejection
+                k_now = min(spec.k, k_now + 2) if accepted == k else max(1, k_now - 1)
+            new = proposals[:accepted] + [last]
+            seq += new
+            if lookup is not None:
+                lookup.extend(new)
+                lookup.feedback(k, accepted)
+            passes += 1
+            drafted += k
+            accepted_total += accepted
+            if first_token_time is None:
+                first_token_time = time.perf_counter()
+                first_pass_tokens = len(new)
+            for j, token in enumerate(new):
+                fed.append(token)
+                emitted += 1
+                for piece in text.add(token):
+                    yield response(piece, logprobs[j])
+                if text.finish_reason is not None:
+                    if cache[0].offset < len(fed):  # the last token too, as plain decoding leaves it (a PromptCache reuses it)
+                        model(mx.array([token], dtype=mx.uint32)[None], cache=cache)
+                        mx.eval([c.state for c in cache])
+                    return
+    finally:
+        if drafter is not None:
+            drafter.finish(seq)

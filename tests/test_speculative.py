@@ -13,7 +13,7 @@ from elm_mlx.errors import ElmError
 from elm_mlx.generation import stream_generate
 from elm_mlx.load import load
 from elm_mlx.sample import SamplingParams
-from elm_mlx.speculative import LookupProposer, PromptLookup, check_draft, verify
+from elm_mlx.speculative import LookupProposer, PromptLookup, check_draft, draft_prompt_cache, verify
 
 GREEDY = SamplingParams(temp=0)
 PENALISED = SamplingParams(temp=0, repetition_penalty=1.3, repetition_context_size=20)
@@ -137,6 +137,9 @@ def test_prompt_cache_reuse(demo, noisy_demo):
         cache = PromptCache(model)
         one, _ = run(model, tokenizer, first, max_tokens=24, sampling=GREEDY, prompt_cache=cache, **speculative)
         second = list(cache.tokens) + tokenizer.encode("JULIET:\n", add_bos=False)
+        if name == "draft":  # the draft keeps its own cache beside the model's, holding a verified prefix of the text
+            held = draft_prompt_cache(cache, noisy_demo).tokens
+            assert len(first) < len(held) <= len(cache.tokens) and held == cache.tokens[: len(held)]
         two, last = run(model, tokenizer, second, max_tokens=24, sampling=GREEDY, prompt_cache=cache, **speculative)
         assert last.prompt_cached_tokens >= len(first)
         texts[name] = (one, two, list(cache.tokens))
