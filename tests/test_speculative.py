@@ -120,6 +120,22 @@ def test_across_the_cache_growth_boundary(demo, noisy_demo):
     assert last.acceptance_rate == 1.0
 
 
+def test_olmo_across_the_growth_boundary_and_with_a_prompt_cache(olmo, tiny):
+    model, tokenizer = olmo
+    prompt = tokenizer.encode("the king speak now thou art my good friend " * 30)[:250]
+    assert_same_as_plain(model, tokenizer, prompt, 20, prompt_lookup=9)
+    assert_same_as_plain(model, tokenizer, prompt, 20, draft_model=tiny[0], num_draft_tokens=5)
+    for speculative in ({"prompt_lookup": 9}, {"draft_model": tiny[0], "num_draft_tokens": 5}):
+        texts = []
+        for options in ({}, speculative):
+            cache = PromptCache(model)
+            one, _ = run(model, tokenizer, prompt[:240], max_tokens=12, sampling=GREEDY, prompt_cache=cache, **options)
+            two, last = run(model, tokenizer, cache.tokens + prompt[240:], max_tokens=12, sampling=GREEDY, prompt_cache=cache, **options)
+            assert last.prompt_cached_tokens >= 240
+            texts.append((one, two, cache.tokens))
+        assert texts[1] == texts[0]
+
+
 def test_quantized_kv_cache(demo):
     model, tokenizer = demo
     kv = KVOptions(bits=8)
