@@ -120,6 +120,19 @@ def test_across_the_cache_growth_boundary(demo, noisy_demo):
     assert last.acceptance_rate == 1.0
 
 
+def test_random_prompts_and_settings_on_the_tiny_models(tiny, olmo):
+    """Greedy exactness over prompts and K drawn at random (seeded): OpenELM with lookup and an OLMo draft."""
+    model, tokenizer = tiny
+    rng = np.random.default_rng(0)
+    words = "the king queen lord lady speak now thou art my good friend sir come hither night day love war".split()
+    for _ in range(4):
+        prompt = " ".join(rng.choice(words, size=int(rng.integers(3, 40))))
+        n, k = int(rng.integers(5, 40)), int(rng.integers(1, 12))
+        lookup = PromptLookup(k, min_ngram=int(rng.integers(1, 3)), max_ngram=int(rng.integers(3, 6)))
+        assert_same_as_plain(model, tokenizer, prompt, n, prompt_lookup=lookup, adaptive_draft=bool(rng.integers(2)))
+        assert_same_as_plain(model, tokenizer, prompt, n, draft_model=olmo[0], num_draft_tokens=k)
+
+
 def test_olmo_across_the_growth_boundary_and_with_a_prompt_cache(olmo, tiny):
     model, tokenizer = olmo
     prompt = tokenizer.encode("the king speak now thou art my good friend " * 30)[:250]
