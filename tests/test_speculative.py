@@ -439,3 +439,60 @@ def test_chat_turns_with_speculation_match_plain_chat(demo):
         if speculative:
             assert session.last.target_passes > 0
     assert answers["lookup"] == answers["plain"]
+
+
+class PositionModel:
+    """A stand-in model whose logits depend on the position alone (row t of `table`), over 6 of the tiny
+    vocabulary's ids: each generated token is then independent of the others, with a known distribution."""
+
+    class args:
+        vocab_size = 384
+
+    def __init__(self, table: np.ndarray):
+        self.table, self.layers = mx.array(table), [None]  # one layer: one KVCache, which counts positions
+
+    def __call__(self, tokens, cache=None, mask=None):
+        layer, n = cache[0], tokens.shape[1]
+        rows = self.table[mx.minimum(mx.arange(layer.offset, layer.offset + n), self.table.shape[0] - 1)]
+        layer.update_and_fetch(mx.zeros((1, 1, n, 1)), mx.zeros((1, 1, n, 1)))
+        return rows[None]
+
+
+CHI2_BOUNDS = {3: 17.73, 15: 39.72}  # chi-square by degrees of freedom: P(above) = 0.0005
+
+
+@pytest.mark.parametrize("proposal", ["draft", "lookup"])
+def test_every_position_keeps_the_distribution_through_whole_runs(tiny, proposal):
+    """stream_generate end to end, over many passes with trims and per-position keys: each of the first three
+    generated tokens is distributed as the target's row for its position, and the 2nd and 3rd independently
+    of each other (the target ignores the text), by chi-square over 800 seeds."""
+    tokenizer = tiny[1]
+    rng = np.random.default_rng(0)
+    ids = np.arange(100, 104)
+
+    def table():
+        t = np.full((16, 384), -1e9, np.float32)
+        t[:, ids] = 0.7 * rng.standard_normal((16, len(ids)))
+        return t
+
+    def probs(t, position):
+        row = np.exp(t[position, ids] - t[position, ids].max())
+        return row / row.sum()
+
+    target, draft = table(), table()
+    speculative = {"draft_model": PositionModel(draft), "num_draft_tokens": 2} if proposal == "draft" else {"prompt_lookup": 2}
+    sampling = SamplingParams(temp=1.0, top_p=1.0, min_p=0.0)
+    runs, texts = 800, []
+    for seed in range(runs):
+        responses = stream_generate(
+            PositionModel(target), tokenizer, [1, 100, 101, 100], max_tokens=3, sampling=sampling, seed=seed, **speculative
+        )
+        texts.append([r.token - 100 for r in responses if r.token is not None])
+    texts = np.array(texts)
+    for position in range(3):  # the prompt's last token is at position 3
+        expected = probs(target, 3 + position)
+        assert chi_square(np.bincount(texts[:, position], minlength=len(ids)), expected) < CHI2_BOUNDS[3]
+        if proposal == "draft":  # the draft alone would be far off
+            assert chi_square(np.round(probs(draft, 3 + position) * runs), expected) > 3 * CHI2_BOUNDS[3]
+    pairs = np.bincount(texts[:, 1] * len(ids) + texts[:, 2], minlength=len(ids) ** 2)
+    assert chi_square(pairs, np.outer(probs(target, 4), probs(target, 5)).ravel()) < CHI2_BOUNDS[15]
