@@ -182,7 +182,6 @@ text; it knows nothing else. For real work use Apple's models, e.g. `--model app
 """
         tokenizer_line = f"- tokenizer: SentencePiece BPE, {config['vocab_size']} pieces, byte fallback, trained on the training split"
     return f"""{head}
-
 - architecture: OpenELM, {config["num_transformer_layers"]} layers, model_dim {config["model_dim"]}, head_dim {config["head_dim"]},
   query heads {config["num_query_heads"]}, kv heads {config["num_kv_heads"]},
   FFN multipliers {config["ffn_multipliers"]} (layer-wise scaling), tied embeddings
