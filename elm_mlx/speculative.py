@@ -14,8 +14,10 @@ p, the target's distribution after repetition penalty, top-k/top-p/min-p and
 temperature (sample.sampling_logits, shared with plain decoding). Prompt
 lookup is the case of a deterministic q (one-hot): accept with probability
 p(d). Randomness comes from one key per output position (sample.key_stream),
-split three ways (the draft's draw, the acceptance test, the replacement
-draw), so a seeded run is reproducible.
+split three ways: the draft's draw for that position, and, for a pass that
+starts there, its acceptance tests and its replacement draw. Passes start at
+ever later positions, so no test reuses randomness, and a seeded run is
+reproducible.
 """
 
 import time
