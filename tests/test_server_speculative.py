@@ -10,12 +10,13 @@ from elm_mlx.sample import SamplingParams  # noqa: E402
 from elm_mlx.server import BatchedEngine, Engine, make_app  # noqa: E402
 
 PROMPT = "ROMEO:\nWhat light through yonder window breaks?\n"
+LOCAL = "http://localhost"  # the server's Host check refuses TestClient's default "testserver"
 
 
 @pytest.fixture(scope="module")
 def serial(demo):
     model, tokenizer = demo
-    return TestClient(make_app(Engine(model, tokenizer, "demo"), max_tokens_limit=512))
+    return TestClient(make_app(Engine(model, tokenizer, "demo"), max_tokens_limit=512), base_url=LOCAL)
 
 
 def complete(client, **fields):
@@ -65,7 +66,8 @@ def test_bad_prompt_lookup_is_a_400_in_openai_shape(serial, value):
 def test_a_draft_model_for_the_whole_server(demo):
     model, tokenizer = demo
     client = TestClient(
-        make_app(Engine(model, tokenizer, "demo", speculative={"draft_model": model, "num_draft_tokens": 4}), max_tokens_limit=512)
+        make_app(Engine(model, tokenizer, "demo", speculative={"draft_model": model, "num_draft_tokens": 4}), max_tokens_limit=512),
+        base_url=LOCAL,
     )
     reply = complete(client).json()
     stats = reply["usage"]["speculative"]
@@ -75,7 +77,7 @@ def test_a_draft_model_for_the_whole_server(demo):
 
 def test_a_batching_server_refuses_speculation_and_still_batches(demo):
     model, tokenizer = demo
-    client = TestClient(make_app(BatchedEngine(model, tokenizer, "demo", max_batch=4), max_tokens_limit=512))
+    client = TestClient(make_app(BatchedEngine(model, tokenizer, "demo", max_batch=4), max_tokens_limit=512), base_url=LOCAL)
     reply = complete(client, prompt_lookup=8)
     assert reply.status_code == 400 and "--max-batch 1" in reply.json()["error"]["message"]
     assert complete(client, max_tokens=4, prompt_lookup=0).status_code == 200
