@@ -252,6 +252,7 @@ def stream_generate(
     draft_model: Optional[nn.Module] = None,
     num_draft_tokens: Optional[int] = None,
     adaptive_draft: bool = False,
+    constraint=None,
 ) -> Generator[GenerationResponse, None, None]:
     """Generate from a prompt (text, or token ids), yielding text as it is produced.
 
@@ -264,6 +265,9 @@ def stream_generate(
     `prompt_lookup` (K or a speculative.PromptLookup) or `draft_model` (with
     `num_draft_tokens`, `adaptive_draft`) decode speculatively: the same text
     greedy, the same distribution sampling (see elm_mlx.speculative).
+    `constraint` (elm_mlx.constrain.Constraint, or a compiled Matcher) makes
+    the text follow a JSON schema, regex or grammar; a bad one raises
+    ConstraintError before any work. The two do not combine (yet).
     """
     from .speculative import resolve, speculative_stream
 
@@ -274,11 +278,18 @@ def stream_generate(
     check_request(prompt, max_tokens, prefill_step_size, seed)
     prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     check_context(len(prompt_ids), max_tokens, context_length(model))
+    matcher = None
+    if constraint is not None:
+        if spec is not None:
+            raise ElmError("constrained output (JSON schema, regex, grammar) does not combine with speculative decoding yet")
+        from .constrain import matcher_for
+
+        matcher = matcher_for(constraint, tokenizer, model)
 
     reused = prompt_cache.reuse(prompt_ids) if prompt_cache is not None else 0
     fed = list(prompt_ids)  # every token the model has seen, for the prompt cache
     cache = prompt_cache.cache if prompt_cache is not None else make_cache(model, kv)
-    run = _stream if spec is None else partial(speculative_stream, spec=spec, prompt_cache=prompt_cache)
+    run = partial(_stream, matcher=matcher) if spec is None else partial(speculative_stream, spec=spec, prompt_cache=prompt_cache)
     try:
         yield from run(model, tokenizer, prompt_ids, reused, fed, max_tokens, sampling, stop, seed, prefill_step_size, cache, cancel)
     finally:
@@ -286,18 +297,21 @@ def stream_generate(
             prompt_cache.record(fed)
 
 
-def _stream(model, tokenizer, prompt_ids, reused, fed, max_tokens, sampling, stop, seed, prefill_step_size, cache, cancel):
-    steps = generate_step(
-        prompt_ids[reused:],
-        model,
-        make_sampler(sampling),
-        make_logits_processors(sampling),
-        prefill_step_size,
+def _stream(model, tokenizer, prompt_ids, reused, fed, max_tokens, sampling, stop, seed, prefill_step_size, cache, cancel, matcher=None):
+    step_args = dict(
+        prefill_step_size=prefill_step_size,
         cache=cache,
         context=prompt_ids[:reused],
         cancel=cancel,
         keys=key_stream(seed) if seed is not None and sampling.temp > 0 else None,
     )
+    sampler, processors = make_sampler(sampling), make_logits_processors(sampling)
+    if matcher is not None:
+        from .constrain import constrained_step
+
+        steps = constrained_step(prompt_ids[reused:], model, matcher, sampler, processors, **step_args)
+    else:
+        steps = generate_step(prompt_ids[reused:], model, sampler, processors, **step_args)
     mx.reset_peak_memory()
     start = time.perf_counter()
     first_token_time = None
@@ -331,6 +345,7 @@ def _stream(model, tokenizer, prompt_ids, reused, fed, max_tokens, sampling, sto
                 yield response(piece, logprobs)
             if text.finish_reason is not None:
                 return
+        yield response(text.close("stop"))  # a constraint complete with no end-of-sequence token to say so
     finally:
         steps.close()
 
