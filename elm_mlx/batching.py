@@ -44,7 +44,7 @@ system prompt compute it once, in turn), and everything it fed the model
 
 import threading
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -67,6 +67,7 @@ class Request:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: Sequence[str] = ()
     seed: Optional[int] = None
+    constraint: Any = None  # elm_mlx.constrain.Constraint (or a compiled Matcher): JSON schema, regex, grammar
 
 
 @dataclass
@@ -90,6 +91,7 @@ class Event:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     cached_tokens: int = 0
+    error: Optional[str] = None  # with finish_reason "error": why the constraint could not be followed
 
 
 class _Sequence:
@@ -110,6 +112,7 @@ class _Sequence:
         self.window = request.sampling.repetition_context_size
         self.keys = key_stream(request.seed) if request.sampling.temp > 0 else None  # greedy draws nothing
         self.text = TextStream(tokenizer, request.stop, request.max_tokens)
+        self.matcher = None  # its constraint's matcher (elm_mlx.constrain), set by submit
 
     @property
     def prefill_end(self) -> int:
@@ -165,8 +168,13 @@ class BatchEngine:
     def submit(self, request: Request) -> int:
         """Check a request (ElmError naming what is wrong, before any work) and queue it; return its id."""
         prompt_ids = self._checked_prompt(request)
+        seq = _Sequence(self._next_id + 1, request, prompt_ids, self.tokenizer)
+        if request.constraint is not None:
+            from .constrain import matcher_for
+
+            seq.matcher = matcher_for(request.constraint, self.tokenizer, self.model)
         self._next_id += 1
-        self.waiting.append(_Sequence(self._next_id, request, prompt_ids, self.tokenizer))
+        self.waiting.append(seq)
         return self._next_id
 
     def cancel(self, id: int) -> None:
@@ -260,11 +268,25 @@ class BatchEngine:
         rows = self.decoding
         inputs = mx.array([[s.next_input] for s in rows], dtype=mx.uint32)
         logits = self.model(inputs, cache=self.cache, mask=self.cache[0].mask())[:, -1, :]
+        ended = {}
+        if any(s.matcher is not None for s in rows):
+            from .constrain import mask_batch
+
+            mx.async_eval(logits)  # the model runs while the CPU computes the constrained rows' masks
+            logits, ended = mask_batch([s.matcher for s in rows], logits)
         tokens, logprobs = self._next_tokens(rows, logits)
         mx.eval(tokens, logprobs)
 
         events, leaving = [], []
-        for seq, token, row_logprobs in zip(rows, tokens.tolist(), logprobs):
+        for i, (seq, token, row_logprobs) in enumerate(zip(rows, tokens.tolist(), logprobs)):
+            if seq.matcher is not None and i not in ended:
+                ended.update(_follow(seq, token, i))
+            if i in ended:  # the constraint is complete (no end-of-sequence token to say so) or failed
+                error = ended[i]
+                piece = seq.text.close("stop" if error is None else "error")
+                events.append(seq.event(error=None if error is None else str(error), **_closing(piece)))
+                leaving.append(seq)
+                continue
             seq.next_input = token
             seq.generated.append(token)
             if seq.processors:
@@ -329,6 +351,17 @@ class BatchEngine:
         return prompt_ids
 
 
+def _follow(seq: _Sequence, token: int, row: int) -> dict:
+    """Move a sequence's matcher past its token; {row: error} if it cannot."""
+    from .constrain import ConstraintError
+
+    try:
+        seq.matcher.consume(token)
+    except ConstraintError as e:
+        return {row: e}
+    return {}
+
+
 def _log_softmax(logits: mx.array) -> mx.array:
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
@@ -372,12 +405,14 @@ def batch_generate(
     prefill_step_size: int = 512,
     max_batch: int = 8,
     prompt_cache: Optional[PromptStore] = None,
+    constraint=None,
 ) -> List[BatchResult]:
     """Generate for every prompt, at most `max_batch` decoded together; one result per prompt, in order.
 
     `sampling` is one SamplingParams for all or one per prompt; `seeds` one
-    seed (or None) per prompt; `prompt_cache` a PromptStore to reuse and fill.
-    Every request is checked before any work.
+    seed (or None) per prompt; `prompt_cache` a PromptStore to reuse and fill;
+    `constraint` one elm_mlx.constrain.Constraint for all or one (or None) per
+    prompt. Every request is checked before any work.
     """
     if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
         raise ElmError("prompts must be a list of prompts (strings or lists of token ids)")
@@ -385,8 +420,11 @@ def batch_generate(
         raise ElmError("prompts is empty")
     samplings = _per_prompt("sampling", sampling if sampling is not None else SamplingParams(), len(prompts), SamplingParams)
     seeds = _per_prompt("seeds", seeds, len(prompts), None) if seeds is not None else [None] * len(prompts)
+    constraints = constraint if isinstance(constraint, (list, tuple)) else [constraint] * len(prompts)
+    constraints = _per_prompt("constraint", constraints, len(prompts), None)
     engine = BatchEngine(model, tokenizer, max_batch=max_batch, prefill_step_size=prefill_step_size, prompt_cache=prompt_cache)
-    ids = [engine.submit(Request(p, max_tokens, s, stop, seed)) for p, s, seed in zip(prompts, samplings, seeds)]
+    requests = [Request(p, max_tokens, s, stop, seed, c) for p, s, seed, c in zip(prompts, samplings, seeds, constraints)]
+    ids = [engine.submit(r) for r in requests]
 
     texts: Dict[int, List[str]] = {i: [] for i in ids}
     tokens: Dict[int, List[int]] = {i: [] for i in ids}

@@ -16,6 +16,7 @@ complete constraint ends the answer with "stop"; max_tokens may cut it first
 """
 
 import json
+import re
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -253,27 +254,45 @@ def _first_line(message: str) -> str:
     return lines[0][:300] if lines else "unknown error"
 
 
-def compile_constraint(constraint: Constraint, tokenizer: Tokenizer, n_vocab: Optional[int] = None) -> Matcher:
-    """A fresh matcher for `constraint`, or ConstraintError with the compiler's message (one line, or a few for grammars).
+def check_constraint(constraint: Constraint, tokenizer_description=None) -> str:
+    """The constraint's llguidance grammar once the compiler accepts it (with or without a tokenizer), else ConstraintError.
 
-    A constraint that cannot match any text (a regex no string satisfies) is refused here, not mid-answer.
+    Without a tokenizer this is quick and needs no model: commands check their options with it before loading one.
     """
     import llguidance as llg
 
     if not isinstance(constraint, Constraint):
         raise ConstraintError(f"expected a Constraint, got {type(constraint).__name__}")
     grammar = constraint.llguidance_grammar()
-    lt = ll_tokenizer(tokenizer, n_vocab)
-    is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, lt)
+    is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer_description)
     if is_error:
-        raise ConstraintError(f"invalid {constraint.kind.replace('_', ' ')}: {_compiler_message(messages)}")
+        raise ConstraintError(f"invalid {_what(constraint)}: {_compiler_message(messages)}")
+    return grammar
+
+
+def compile_constraint(constraint: Constraint, tokenizer: Tokenizer, n_vocab: Optional[int] = None) -> Matcher:
+    """A fresh matcher for `constraint`, or ConstraintError with the compiler's message in one line.
+
+    A constraint that cannot match any text (a regex no string satisfies) is refused here, not mid-answer.
+    """
+    import llguidance as llg
+
+    lt = ll_tokenizer(tokenizer, n_vocab)
+    grammar = check_constraint(constraint, lt)
     matcher = Matcher(llg.LLMatcher(lt, grammar, log_level=0), lt.vocab_size, sorted(tokenizer.eos_ids))
     if matcher._m.is_error():
-        raise ConstraintError(f"invalid {constraint.kind.replace('_', ' ')}: {_compiler_message([matcher._m.get_error()])}")
-    probe = matcher.mask()
-    if not probe.any():
-        raise ConstraintError(f"the {constraint.kind.replace('_', ' ')} cannot match any text")
+        raise ConstraintError(f"invalid {_what(constraint)}: {_compiler_message([matcher._m.get_error()])}")
+    try:
+        empty = not matcher.mask().any()
+    except ConstraintError:
+        empty = True
+    if empty:
+        raise ConstraintError(f"the {_what(constraint)} cannot match any text")
     return matcher
+
+
+def _what(constraint: Constraint) -> str:
+    return constraint.kind.replace("_", " ").replace("json", "JSON")
 
 
 def model_vocab(model: nn.Module) -> Optional[int]:
@@ -290,11 +309,10 @@ def matcher_for(constraint: Union[Constraint, Matcher], tokenizer: Tokenizer, mo
 
 
 def _compiler_message(messages: List[str]) -> str:
-    """llguidance's error, without the source excerpt it draws under it."""
-    text = " ".join(messages).strip()
-    lines = [line.rstrip() for line in text.splitlines() if line.strip()]
-    kept = [line for line in lines if not line.lstrip().startswith(("^", "|")) and not line[:6].strip().rstrip("|").isdigit()]
-    return " ".join(line.strip() for line in kept)[:500] or "rejected by the compiler"
+    """llguidance's error on one line, without the source excerpt and caret it draws under it."""
+    lines = [line.strip() for line in " ".join(messages).splitlines() if line.strip()]
+    kept = [line for line in lines if not re.match(r"^(\^+|\d+\s*\|)", line)]
+    return " ".join(kept)[:500] or "rejected by the compiler"
 
 
 # --------------------------------------------------------------------------
@@ -398,3 +416,23 @@ def constrained_step(
         matcher.consume(t)
         token, logprobs = choose(logits)
         mx.async_eval(token, logprobs)
+
+
+def mask_batch(matchers: Sequence[Optional[Matcher]], logits: mx.array) -> Tuple[mx.array, Dict[int, Optional[ConstraintError]]]:
+    """The batch's logits with each constrained row masked; rows that end here: index -> None (complete) or the error.
+
+    Call it after queueing the forward pass (mx.async_eval), so the masks are
+    computed while the model runs. A row that ends has no mask applied (its
+    sampled token is not used).
+    """
+    words = max(m.words for m in matchers if m is not None)
+    rows, errors = batch_masks(matchers, words)
+    ended: Dict[int, Optional[ConstraintError]] = {}
+    for i, matcher in enumerate(matchers):
+        if errors[i] is not None:
+            ended[i] = errors[i]
+        elif matcher is not None and not rows[i].any():  # complete, and no end-of-sequence token to say so
+            ended[i] = None
+        if i in ended:
+            rows[i] = -1
+    return apply_token_masks(logits, rows), ended

@@ -19,6 +19,7 @@ from .cli import ArgumentParser, run_cli
 from .errors import ElmError
 from .generation import answer_budget, check_context, check_request, context_length, print_stream, stream_generate
 from .options import (
+    add_constraint_options,
     add_generation_options,
     add_kv_options,
     add_model_options,
@@ -26,6 +27,7 @@ from .options import (
     add_speculative_options,
     add_verbose_option,
     check_speculative_args,
+    constraint_from_args,
     kv_from_args,
     load_from_args,
     sampling_from_args,
@@ -82,6 +84,7 @@ def build_parser():
     )
     add_kv_options(p)
     add_speculative_options(p)
+    add_constraint_options(p)
     add_verbose_option(p, "print which model is used, conversion notes and a speed and memory line to stderr")
     return p
 
@@ -98,6 +101,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.chat is False and args.system is not None:
         raise ElmError("--system needs chat formatting; drop --no-chat")
     sampling = sampling_from_args(args)
+    constraint = constraint_from_args(args)
+    if constraint is not None and (args.draft_model is not None or getattr(args, "prompt_lookup", None) is not None):
+        raise ElmError("--json-schema, --regex and --grammar do not combine with speculative decoding (--draft-model, --prompt-lookup) yet")
     model_name, model, tokenizer = load_from_args(args, verbose=args.verbose)
     speculative = speculative_from_args(args, model, tokenizer, verbose=args.verbose)
     prompt_cache = None
@@ -115,6 +121,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     limit = context_length(model)
     max_tokens = args.max_tokens if args.max_tokens is not None else answer_budget(len(prompt_ids), DEFAULT_MAX_TOKENS, limit)
     check_context(len(prompt_ids), max_tokens, limit)  # one line, before any work
+    if constraint is not None:  # compiled (and refused in one line) before any model work
+        from .constrain import matcher_for
+
+        constraint = matcher_for(constraint, tokenizer, model)
 
     responses = stream_generate(
         model,
@@ -128,6 +138,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         prompt_cache=prompt_cache,
         kv=kv,
         **speculative,
+        constraint=constraint,
     )
     print_stream(responses, stats=args.verbose)
 

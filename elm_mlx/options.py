@@ -320,3 +320,51 @@ def blas_notice() -> None:
     text = getattr(_blas, "slow_blas_notice", lambda: None)()
     if text:
         notice(text)
+
+
+# --------------------------------------------------------------------------
+# Structured output
+# --------------------------------------------------------------------------
+
+
+def add_constraint_options(p: argparse.ArgumentParser) -> None:
+    """--json-schema, --regex, --grammar: what the generated text must be (one of them)."""
+    g = p.add_argument_group("structured output (one of)").add_mutually_exclusive_group()
+    g.add_argument(
+        "--json-schema",
+        metavar="FILE|JSON",
+        default=None,
+        help="the text is JSON valid under this JSON schema: a file, or the schema itself when it starts with '{' (default: free text)",
+    )
+    g.add_argument("--regex", metavar="PATTERN", default=None, help="the text matches this regular expression in full (default: free text)")
+    g.add_argument(
+        "--grammar", metavar="FILE", default=None, help="the text follows this Lark grammar (llguidance's dialect) (default: free text)"
+    )
+
+
+def constraint_from_args(args):
+    """The Constraint the flags ask for (elm_mlx.constrain), or None; its files read, not yet compiled."""
+    from .constrain import MAX_SOURCE_CHARS, Constraint, check_constraint
+
+    def read(path: str, flag: str) -> str:
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise ElmError(f"{flag}: {path} is not a file")
+        if file.stat().st_size > MAX_SOURCE_CHARS:
+            raise ElmError(f"{flag}: {path} is over {MAX_SOURCE_CHARS} bytes")
+        try:
+            return file.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ElmError(f"{flag}: {path} is not UTF-8 text (byte {e.start})") from None
+
+    schema, regex, grammar = getattr(args, "json_schema", None), getattr(args, "regex", None), getattr(args, "grammar", None)
+    if schema is not None:
+        constraint = Constraint.json_schema(schema if schema.lstrip().startswith("{") else read(schema, "--json-schema"))
+    elif regex is not None:
+        constraint = Constraint.regex(regex)
+    elif grammar is not None:
+        constraint = Constraint.grammar(read(grammar, "--grammar"))
+    else:
+        return None
+    check_constraint(constraint)  # before the model loads; what needs the tokenizer is checked once it has
+    return constraint

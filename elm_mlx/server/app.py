@@ -14,6 +14,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
+from ..constrain import ConstraintError, compile_constraint, model_vocab
 from ..generation import GenerationResponse
 from .engine import Engine, Job
 from .origins import OriginGuard, WebPolicy
@@ -30,6 +31,8 @@ from .schemas import (
     requested_max_tokens,
     typed,
 )
+from .structured import PARAM as RESPONSE_FORMAT
+from .structured import parse_response_format
 from .web import page_routes
 
 BODY_TIMEOUT_S = 30.0  # a body that trickles in slower than this is dropped (408)
@@ -182,11 +185,18 @@ def make_app(engine: Engine, max_tokens_limit: int = 4096, limits: Optional[Limi
         requested = requested_max_tokens(body, limits.max_tokens_limit)
         logprobs = parse_logprobs(body, chat)
         speculative = parse_speculative(body, engine.speculation_refused)
+        constraint = parse_response_format(body)
+        if constraint is not None and speculative:
+            raise RequestError("'response_format' does not combine with 'prompt_lookup' (speculative decoding) yet", param="prompt_lookup")
         # Rendering and tokenizing a 1 MiB body takes ~0.5 s: in a worker thread, so other connections go on
         # (sentencepiece releases the GIL while it encodes; the tokenizers library's encode does not).
         prompt_ids = await run_in_threadpool(chat_prompt if chat else completion_prompt, body, engine.tokenizer)
         max_tokens = fit_to_context(len(prompt_ids), requested, limits)
-        job = Job(prompt_ids=prompt_ids, max_tokens=max_tokens, top_logprobs=logprobs, speculative=speculative, **common)
+        if constraint is not None:  # compiled here (a large grammar takes a while), so a bad one is a 400 before the queue
+            constraint = await run_in_threadpool(_compiled, constraint, engine)
+        job = Job(
+            prompt_ids=prompt_ids, max_tokens=max_tokens, top_logprobs=logprobs, speculative=speculative, constraint=constraint, **common
+        )
         fmt = Formatter(chat, engine, logprobs)
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -224,6 +234,9 @@ def make_app(engine: Engine, max_tokens_limit: int = 4096, limits: Optional[Limi
     async def on_http_error(request: Request, exc: HTTPException):
         return error_response(exc.detail, exc.status_code, "not_found_error" if exc.status_code == 404 else "invalid_request_error")
 
+    async def on_constraint_error(request: Request, exc: ConstraintError):  # the matcher failed mid-answer
+        return error_response(str(exc), 400, param=RESPONSE_FORMAT)
+
     async def on_disconnect(request: Request, exc: ClientDisconnect):
         return error_response("client disconnected", 400)
 
@@ -237,9 +250,23 @@ def make_app(engine: Engine, max_tokens_limit: int = 4096, limits: Optional[Limi
         Route("/health", health, methods=["GET"]),
         *page_routes(),
     ]
-    handlers = {RequestError: on_request_error, HTTPException: on_http_error, ClientDisconnect: on_disconnect, Exception: on_error}
+    handlers = {
+        RequestError: on_request_error,
+        ConstraintError: on_constraint_error,
+        HTTPException: on_http_error,
+        ClientDisconnect: on_disconnect,
+        Exception: on_error,
+    }
     guard = Middleware(OriginGuard, policy=web or WebPolicy())
     return Starlette(routes=routes, exception_handlers=handlers, middleware=[guard])
+
+
+def _compiled(constraint, engine: Engine):
+    """The request's constraint compiled for the served model (a fresh matcher for its one sequence)."""
+    try:
+        return compile_constraint(constraint, engine.tokenizer, model_vocab(engine.model))
+    except ConstraintError as e:
+        raise RequestError(str(e), param=RESPONSE_FORMAT) from None
 
 
 def _sse(data: dict) -> str:

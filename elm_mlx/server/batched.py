@@ -14,6 +14,7 @@ from typing import Dict, Optional
 
 from ..batching import BatchEngine, Event, Request
 from ..cache import PromptStore
+from ..constrain import ConstraintError
 from ..errors import ElmError
 from ..generation import GenerationResponse
 from .engine import Engine, Job, top_logprobs
@@ -66,7 +67,7 @@ class BatchedEngine(Engine):
             if job.cancelled.is_set():
                 job.emit(None)
                 continue
-            request = Request(job.prompt_ids, job.max_tokens, job.sampling, job.stop, job.seed)
+            request = Request(job.prompt_ids, job.max_tokens, job.sampling, job.stop, job.seed, job.constraint)
             try:
                 self.running[self.batch.submit(request)] = job
             except ElmError as e:  # the app checks first; this is the batch's own word on it
@@ -83,7 +84,9 @@ class BatchedEngine(Engine):
         if job is None:
             return
         finished = event.finish_reason is not None
-        if event.prefilled is None and event.finish_reason != "cancelled" and not job.cancelled.is_set():
+        if event.finish_reason == "error":  # its constraint could not be followed: this client's error only
+            job.emit(ConstraintError(event.error or "the constraint could not be followed"))
+        elif event.prefilled is None and event.finish_reason != "cancelled" and not job.cancelled.is_set():
             job.emit(self._response(job, event))
         if finished:
             del self.running[event.id]

@@ -35,6 +35,7 @@ class Job:
     seed: Optional[int]
     top_logprobs: int
     speculative: dict = field(default_factory=dict)  # stream_generate's speculative keywords; {}: the server's default
+    constraint: Any = None  # an elm_mlx.constrain Matcher: the answer follows a JSON schema, regex or grammar
     emit: Any = None  # called from the worker thread with each GenerationResponse, then None
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -91,7 +92,9 @@ class Engine:
             prefill_step_size=self.prefill_step_size,
             prompt_cache=self.prompt_cache,
             cancel=job.cancelled.is_set,
-            **(job.speculative or self.speculative),
+            # A constrained answer is decoded plainly, even where the server speculates by default (they do not combine yet).
+            **({} if job.constraint is not None else (job.speculative or self.speculative)),
+            constraint=job.constraint,
         )
         try:
             for response in responses:
