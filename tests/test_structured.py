@@ -1,0 +1,373 @@
+"""Structured output (issue 17): JSON schema, regex and Lark grammar constraints, checked by independent parsers.
+
+Every answer the demo model gives under a constraint, sampled at temperature
+1.0 over many seeds, is parsed with `json` and validated with `jsonschema`
+(or matched with `re.fullmatch`, or parsed with `lark`), through the API, the
+batch engine, the command line and the server with the official openai client.
+"""
+
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from elm_mlx import SamplingParams, batch_generate, stream_generate
+from elm_mlx.constrain import Constraint, ConstraintError, _Description, apply_token_masks, compile_constraint, ll_tokenizer
+
+jsonschema = pytest.importorskip("jsonschema")
+
+HOT = SamplingParams(temp=1.0, top_p=1.0, min_p=0.0)  # every allowed token can be drawn
+PROMPT = "ROMEO:"
+
+SCHEMAS = {
+    "nested": {
+        "type": "object",
+        "properties": {
+            "person": {
+                "type": "object",
+                "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+                "required": ["name", "age"],
+                "additionalProperties": False,
+            },
+            "ok": {"type": "boolean"},
+        },
+        "required": ["person", "ok"],
+        "additionalProperties": False,
+    },
+    "array_bounds": {
+        "type": "object",
+        "properties": {"tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "minItems": 2, "maxItems": 4}},
+        "required": ["tags"],
+        "additionalProperties": False,
+    },
+    "enums": {
+        "type": "object",
+        "properties": {"mood": {"enum": ["happy", "sad", "angry"]}, "level": {"enum": [1, 2, 3, None]}},
+        "required": ["mood", "level"],
+        "additionalProperties": False,
+    },
+    "integer_ranges": {"type": "array", "items": {"type": "integer", "minimum": -20, "maximum": 300}, "minItems": 1, "maxItems": 5},
+    "optional_fields": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "integer", "minimum": 1, "maximum": 999},
+            "note": {"type": "string", "maxLength": 8},
+            "flag": {"type": "boolean"},
+        },
+        "required": ["id"],
+        "additionalProperties": False,
+    },
+    "patterns": {
+        "type": "object",
+        "properties": {
+            "date": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"},
+            "code": {"type": "string", "pattern": "^[A-Z]{3}[0-9]{2}$"},
+        },
+        "required": ["date", "code"],
+        "additionalProperties": False,
+    },
+    # JSON strings that must hold quotes, backslashes, newlines, tabs and non-ASCII text: escapes and UTF-8 both
+    "escapes_and_unicode": {
+        "type": "object",
+        "properties": {"s": {"type": "string", "pattern": '^[a"\\\\\\n\\t é日本🙂]{3,8}$'}, "c": {"const": 'naïve "q"\\\n\t日本🙂'}},
+        "required": ["s", "c"],
+        "additionalProperties": False,
+    },
+}
+
+REGEXES = [r"(yes|no), [a-z]{2,8}\.", r"[0-9]{3}-[0-9]{4}", r"[A-Z][a-z]+( [a-z]+){0,3}[.!?]", r"(ab|c[de])+x?"]
+
+GRAMMAR = r"""
+start: expr
+expr: term (("+" | "-") term)*
+term: factor (("*" | "/") factor)*
+factor: NUMBER | "(" expr ")"
+NUMBER: /[0-9]{1,3}/
+"""
+
+
+def valid_json(text: str, schema: dict) -> None:
+    jsonschema.validate(json.loads(text), schema)
+
+
+# --------------------------------------------------------------------------
+# The pieces, against independent references
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vocab", [64, 2048, 2049, 32003])
+def test_mask_on_logits_equals_llguidance_numpy_reference(vocab):
+    """apply_token_masks (MLX ops) against llguidance's own numpy implementation, rows and vocab sizes not multiples of 32."""
+    from llguidance.numpy import apply_token_bitmask_inplace
+
+    rng = np.random.default_rng(vocab)
+    logits = rng.standard_normal((3, vocab)).astype(np.float32)
+    words = rng.integers(-(2**31), 2**31, size=(3, (vocab + 31) // 32), dtype=np.int64).astype(np.int32)
+    expected = logits.copy()
+    apply_token_bitmask_inplace(expected, words)
+    got = np.array(apply_token_masks(mx.array(logits), words))
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_tokenize_gives_exactly_the_bytes_asked_for(demo):
+    """llguidance needs the text's tokens as they appear mid-answer: same bytes, no SentencePiece leading space."""
+    _, tokenizer = demo
+    description = _Description(tokenizer, tokenizer.vocab_size)
+    for text in ["{", '"name": "x"', " leading space", "two\nlines\ttab", "café 日本語 🙂", "   ", "\\u00e9 \\n"]:
+        ids = description(text.encode())
+        assert b"".join(tokenizer.token_bytes[i] for i in ids) == text.encode(), text
+    ids = description("é".encode()[:1])  # half a character: spelled byte by byte
+    assert b"".join(tokenizer.token_bytes[i] for i in ids) == "é".encode()[:1]
+    assert description.tokens[tokenizer.bos_id].startswith(b"\xff") and description.tokens[0].startswith(b"\xff")  # <s>, <unk>
+
+
+def test_padded_vocab_tokens_are_never_allowed(demo):
+    """A model with more logits than the tokenizer has tokens: the extra ones are masked out."""
+    _, tokenizer = demo
+    matcher = compile_constraint(Constraint.regex("[a-z]+"), tokenizer, n_vocab=tokenizer.vocab_size + 40)
+    row = matcher.mask()
+    bits = np.unpackbits(row.view(np.uint8), bitorder="little")
+    assert bits[: tokenizer.vocab_size].any() and not bits[tokenizer.vocab_size :].any()
+    assert ll_tokenizer(tokenizer, tokenizer.vocab_size + 40).vocab_size == tokenizer.vocab_size + 40
+
+
+# --------------------------------------------------------------------------
+# Outputs, over many seeds at temperature 1.0
+# --------------------------------------------------------------------------
+
+
+def test_batched_json_outputs_validate_and_equal_alone(demo):
+    """Every schema, six seeds each, decoded together: all complete ("stop"), all valid; each the same as alone."""
+    model, tokenizer = demo
+    names = list(SCHEMAS)
+    prompts, constraints, seeds = [], [], []
+    for name in names:
+        for seed in range(6):
+            prompts.append(PROMPT)
+            constraints.append(Constraint.json_schema(SCHEMAS[name]))
+            seeds.append(1000 * names.index(name) + seed)
+    results = batch_generate(model, tokenizer, prompts, max_tokens=120, sampling=HOT, seeds=seeds, constraint=constraints, max_batch=16)
+    for result, constraint, seed in zip(results, constraints, seeds):
+        assert result.finish_reason == "stop", (seed, result.text)
+        valid_json(result.text, constraint.source)
+    parsed = [json.loads(r.text) for r in results]
+    assert parsed[names.index("escapes_and_unicode") * 6]["c"] == 'naïve "q"\\\n\t日本🙂'
+    assert len({r.text for r in results}) > len(names) * 3  # the seeds give different answers
+    for i in (0, 13, 40):  # the single-stream path (its own overlapped loop) gives the same tokens
+        alone = "".join(r.text for r in stream_generate(model, tokenizer, PROMPT, 120, HOT, seed=seeds[i], constraint=constraints[i]))
+        assert alone == results[i].text
+
+
+def test_regex_and_grammar_outputs_match(demo):
+    lark = pytest.importorskip("lark")
+    model, tokenizer = demo
+    parser = lark.Lark(GRAMMAR, parser="earley")
+    prompts = [PROMPT] * (len(REGEXES) * 4 + 6)
+    constraints = [Constraint.regex(r) for r in REGEXES for _ in range(4)] + [Constraint.grammar(GRAMMAR)] * 6
+    results = batch_generate(model, tokenizer, prompts, 40, HOT, seeds=list(range(len(prompts))), constraint=constraints, max_batch=16)
+    for result, constraint in zip(results, constraints):
+        if constraint.kind == "regex":
+            assert result.finish_reason == "stop" and re.fullmatch(constraint.source, result.text), (constraint.source, result.text)
+        elif result.finish_reason == "stop":  # an expression may run on past 40 tokens
+            parser.parse(result.text)
+    assert sum(r.finish_reason == "stop" for r in results[-6:]) >= 3
+
+
+def test_max_tokens_cuts_with_length_and_no_claim(demo):
+    model, tokenizer = demo
+    schema = {"type": "object", "properties": {"a": {"type": "string", "minLength": 30}}, "required": ["a"]}
+    pieces = list(stream_generate(model, tokenizer, PROMPT, 9, HOT, seed=1, constraint=Constraint.json_schema(schema)))
+    assert pieces[-1].finish_reason == "length" and pieces[-1].generation_tokens == 9
+    text = "".join(p.text for p in pieces)
+    assert text.startswith('{"a": "')
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text)
+    [batched] = batch_generate(model, tokenizer, [PROMPT], 9, HOT, seeds=[1], constraint=Constraint.json_schema(schema))
+    assert (batched.finish_reason, batched.text) == ("length", text)
+
+
+BAD = [
+    (Constraint.json_schema('{"type": "object",'), "not valid JSON"),
+    (Constraint.json_schema({"type": "strin"}), "invalid JSON schema"),
+    (Constraint.json_schema({"type": "string", "format": "no-such-format"}), "no-such-format"),
+    (Constraint.json_schema({"$ref": "#/definitions/missing"}), "invalid JSON schema"),
+    (Constraint.regex("a(b"), "unclosed group"),
+    (Constraint.regex(r"[^\x00-\x{10FFFF}]"), "cannot match any text"),
+    (Constraint.grammar('start: "a" undefined_rule'), "undefined_rule"),
+    (Constraint.grammar("start: (("), "invalid grammar"),
+    (Constraint("xml", "<a/>"), "unknown constraint kind"),
+]
+
+
+@pytest.mark.parametrize("constraint, message", BAD, ids=[m for _, m in BAD])
+def test_bad_constraints_are_one_line_errors(demo, constraint, message):
+    model, tokenizer = demo
+    with pytest.raises(ConstraintError) as e:
+        list(stream_generate(model, tokenizer, PROMPT, 8, constraint=constraint))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------
+# The command line
+# --------------------------------------------------------------------------
+
+
+def generate_cli(*args):
+    from elm_mlx.demo import DEMO_DIR
+
+    cmd = [sys.executable, "-m", "elm_mlx.generate", "--model", str(DEMO_DIR), "--dtype", "float32", "--no-verbose", "-p", PROMPT, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_json_schema_regex_and_grammar(tmp_path):
+    """The command as a user runs it: a schema file, an inline schema, a regex, a grammar file."""
+    schema_file = tmp_path / "schema.json"
+    schema_file.write_text(json.dumps(SCHEMAS["nested"]))
+    out = generate_cli("--json-schema", str(schema_file), "--temp", "1", "--top-p", "1", "--min-p", "0", "--seed", "1", "-m", "120")
+    assert out.returncode == 0, out.stderr
+    valid_json(out.stdout, SCHEMAS["nested"])
+    out = generate_cli("--json-schema", json.dumps(SCHEMAS["escapes_and_unicode"]), "--temp", "1", "--seed", "3", "-m", "120")
+    assert out.returncode == 0, out.stderr
+    valid_json(out.stdout, SCHEMAS["escapes_and_unicode"])
+    out = generate_cli("--regex", REGEXES[0], "--temp", "1", "--seed", "4")
+    assert out.returncode == 0 and re.fullmatch(REGEXES[0], out.stdout.rstrip("\n")), out
+    grammar = tmp_path / "expr.lark"
+    grammar.write_text(GRAMMAR)
+    out = generate_cli("--grammar", str(grammar), "--temp", "0")
+    assert out.returncode == 0, out.stderr
+    pytest.importorskip("lark").Lark(GRAMMAR).parse(out.stdout.rstrip("\n"))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--json-schema", '{"type": 7}'], "invalid JSON schema"),
+        (["--json-schema", "missing.json"], "missing.json is not a file"),
+        (["--regex", "(("], "invalid regex"),
+        (["--regex", "a", "--json-schema", "{}"], "not allowed with"),
+        (["--grammar", __file__], "invalid grammar"),  # a Python file is no grammar
+    ],
+)
+def test_cli_bad_constraint_is_one_line(capsys, args, message):
+    """Refused before the model loads, in one line (run in-process: no model work happens)."""
+    from elm_mlx.cli import run_cli
+    from elm_mlx.generate import main
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: main(["--no-verbose", "-p", PROMPT, *args]))
+    out = capsys.readouterr()
+    assert e.value.code != 0 and out.out == ""
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in out.err
+
+
+# --------------------------------------------------------------------------
+# The server, with the official openai client
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["batched", "serial"])
+def server(request, demo):
+    uvicorn = pytest.importorskip("uvicorn")
+    from elm_mlx.server import Engine, make_app
+    from elm_mlx.server.batched import BatchedEngine
+
+    model, tokenizer = demo
+    engine = BatchedEngine(model, tokenizer, "demo", max_batch=8) if request.param == "batched" else Engine(model, tokenizer, "demo")
+    config = uvicorn.Config(make_app(engine), host="127.0.0.1", port=0, log_level="error")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.05)
+    port = srv.servers[0].sockets[0].getsockname()[1]
+    yield request.param, f"http://127.0.0.1:{port}/v1"
+    srv.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture()
+def client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=server[1], api_key="unused", max_retries=0, timeout=120)
+
+
+def ask(client, response_format, seed, stream=False, max_tokens=120):
+    messages = [{"role": "user", "content": "Tell me of the king."}]
+    kwargs = dict(model="demo", messages=messages, temperature=1.0, top_p=1.0, seed=seed, max_tokens=max_tokens)
+    if not stream:
+        reply = client.chat.completions.create(response_format=response_format, **kwargs)
+        return reply.choices[0].message.content, reply.choices[0].finish_reason
+    chunks = list(client.chat.completions.create(response_format=response_format, stream=True, **kwargs))
+    return "".join(c.choices[0].delta.content or "" for c in chunks), chunks[-1].choices[0].finish_reason
+
+
+def test_server_json_schema_over_seeds(server, client):
+    """OpenAI's response_format, concurrent requests (batched together on the batching engine), streamed and not."""
+    seeds = range(4) if server[0] == "batched" else range(1)
+    jobs = [(name, seed, seed % 2 == 1) for name in SCHEMAS for seed in seeds]
+    fmt = lambda name: {"type": "json_schema", "json_schema": {"name": name, "schema": SCHEMAS[name], "strict": True}}  # noqa: E731
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda job: ask(client, fmt(job[0]), job[1], stream=job[2]), jobs))
+    for (name, seed, streamed), (text, finish) in zip(jobs, replies):
+        assert finish == "stop", (name, seed, streamed, text)
+        valid_json(text, SCHEMAS[name])
+
+
+def test_server_json_object_regex_and_grammar(server, client):
+    lark = pytest.importorskip("lark")
+    text, finish = ask(client, {"type": "json_object"}, 0, max_tokens=40)
+    if finish == "stop":  # any object: it may run past 40 tokens
+        assert isinstance(json.loads(text), dict)
+    else:
+        assert finish == "length" and text.startswith("{")
+    for seed in range(2):
+        text, finish = ask(client, {"type": "regex", "regex": REGEXES[2]}, seed, stream=seed == 1)
+        assert finish == "stop" and re.fullmatch(REGEXES[2], text)
+    text, finish = ask(client, {"type": "grammar", "grammar": GRAMMAR}, 0, max_tokens=60)
+    if finish == "stop":
+        lark.Lark(GRAMMAR).parse(text)
+    text, finish = ask(client, {"type": "text"}, 0, max_tokens=5)
+    assert finish == "length"
+
+
+def test_server_length_cut_is_reported(client):
+    schema = {"type": "object", "properties": {"a": {"type": "string", "minLength": 40}}, "required": ["a"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "long", "schema": schema}}
+    for stream in (False, True):
+        text, finish = ask(client, fmt, 5, stream=stream, max_tokens=5)
+        assert finish == "length" and text.startswith('{"a":')
+
+
+@pytest.mark.parametrize(
+    "response_format, message",
+    [
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}, "invalid JSON schema"),
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "format": "nope"}}}, "nope"),
+        ({"type": "json_schema", "json_schema": {"schema": {}}}, "name"),
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": []}}, "schema"),
+        ({"type": "regex", "regex": "a(b"}, "unclosed group"),
+        ({"type": "regex", "regex": r"[^\x00-\x{10FFFF}]"}, "cannot match any text"),
+        ({"type": "grammar", "grammar": "start: nothing_here"}, "nothing_here"),
+        ({"type": "yaml"}, "response_format.type"),
+        ("json", "response_format"),
+    ],
+)
+def test_server_bad_response_format_is_400_and_it_keeps_serving(client, response_format, message):
+    openai = pytest.importorskip("openai")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], response_format=response_format)
+    error = e.value.body
+    assert e.value.status_code == 400 and message in error["message"] and error["param"] == "response_format"
+    assert error["type"] == "invalid_request_error"
+    text, finish = ask(client, {"type": "regex", "regex": "(yes|no)"}, 0)
+    assert finish == "stop" and text in ("yes", "no")
