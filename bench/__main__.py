@@ -5,6 +5,7 @@ python -m bench --models openelm-1_1B olmo-1B --dtypes float32
 python -m bench --model path/to/mlx-model     # a real checkpoint instead of random weights
 python -m bench serve --help                  # the HTTP server under concurrent streams (bench/serve.py)
 python -m bench speculative --help            # prompt lookup, draft model, compiled step (bench/speculative.py)
+python -m bench structured --help             # constrained (JSON schema, regex, grammar) vs free decoding
 """
 
 import os
@@ -158,6 +159,12 @@ def main(argv=None) -> None:
         if cli.invoked_as is not None:
             cli.invoked_as += " speculative"
         return speculative.main(argv[1:])
+    if argv[:1] == ["structured"]:
+        from . import structured
+
+        if cli.invoked_as is not None:
+            cli.invoked_as += " structured"
+        return structured.main(argv[1:])
     args = build_parser().parse_args(argv)
     quick = args.quick
     # Ranges are checked by the parser; None (not 0) means "the default".

@@ -361,6 +361,7 @@ def constrained_step(
     context: Sequence[int] = (),
     cancel: Optional[Callable[[], bool]] = None,
     keys: Optional[Iterator[mx.array]] = None,
+    overlap: bool = True,
 ) -> Iterator[Tuple[int, mx.array]]:
     """generation.generate_step under a constraint: (token, log-probabilities) until the constraint is complete.
 
@@ -370,7 +371,8 @@ def constrained_step(
     log-probabilities are those of the masked distribution the token was
     drawn from. Returns (ends) when the text is complete and no
     end-of-sequence token exists to say so; raises ConstraintError if the
-    matcher fails.
+    matcher fails. `overlap=False` waits for the logits before computing the
+    mask (the benchmark's baseline for what the overlap buys).
     """
     from .cache import make_cache
     from .generation import Cancelled, prefill_chunk
@@ -388,6 +390,8 @@ def constrained_step(
 
     def choose(logits: mx.array) -> Tuple[mx.array, mx.array]:
         nonlocal history
+        if not overlap:
+            mx.eval(logits)
         matcher.fill_mask(mask_row[0])  # the CPU work that overlaps the forward pass already queued
         logits = apply_token_masks(logits, mask_row)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)

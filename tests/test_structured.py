@@ -371,3 +371,19 @@ def test_server_bad_response_format_is_400_and_it_keeps_serving(client, response
     assert error["type"] == "invalid_request_error"
     text, finish = ask(client, {"type": "regex", "regex": "(yes|no)"}, 0)
     assert finish == "stop" and text in ("yes", "no")
+
+
+def test_bench_structured_quick_writes_results(tmp_path):
+    """`python -m bench structured --quick`: every variant measured, results written once and not overwritten."""
+    from bench.__main__ import main as bench_main
+    from elm_mlx.errors import ElmError
+
+    out = tmp_path / "structured"
+    bench_main(["structured", "--quick", "--gen-tokens", "12", "--out", str(out)])
+    results = json.loads((out / "results.json").read_text())
+    [demo_rows] = [m["rows"] for m in results["models"]]
+    assert [r["variant"] for r in demo_rows] == ["free", "json_schema", "regex", "grammar", "grammar, no overlap"]
+    assert all(r["tps"] > 0 and r["tokens"] == [12] for r in demo_rows)
+    assert "| json_schema |" in (out / "results.md").read_text()
+    with pytest.raises(ElmError, match="already exists"):
+        bench_main(["structured", "--quick", "--out", str(out)])
