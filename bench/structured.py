@@ -57,8 +57,8 @@ NAME: /[a-z]{1,8}/
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m bench structured", description="Constrained (JSON schema, regex, grammar) against free decoding.")
     p.add_argument("--models", nargs="+", choices=MODELS, help=f"models to measure (default: {' '.join(MODELS)}; --quick: demo)")
-    p.add_argument("--gen-tokens", type=int_at_least(8, 4096), help="tokens per run (default: demo 256, openelm-270M 64; --quick: 32)")
-    p.add_argument("--trials", type=int_at_least(1, 50), help="interleaved trials; the median is reported (default: 3; --quick: 1)")
+    p.add_argument("--gen-tokens", type=int_at_least(8, 4096), help="tokens per run (default: demo 256, openelm-270M 48; --quick: 32)")
+    p.add_argument("--trials", type=int_at_least(1, 50), help="interleaved trials; the median is reported (default: 5; --quick: 1)")
     p.add_argument("--quick", action="store_true", help="the demo model, 32 tokens, one trial: a smoke test")
     p.add_argument(
         "--out", type=Path, help="output directory (default: bench-results/structured-<time>); refused if it exists unless --force"
@@ -107,16 +107,22 @@ def decode_run(model, tokenizer, constraint, tokens: int, seed: int, overlap: bo
     out, start = [], None
     for token, _ in steps:
         if start is None:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
         if token in tokenizer.eos_ids:
             break
         out.append(token)
         if len(out) >= tokens:
             break
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     steps.close()
     mx.clear_cache()
-    return {"tokens": len(out), "tps": (len(out) - 1) / elapsed if len(out) > 1 and elapsed > 0 else None, "ids": out}
+    n = len(out) - 1
+    return {
+        "tokens": len(out),
+        "tps": n / elapsed if n > 0 and elapsed > 0 else None,
+        "cpu_ms": 1e3 * cpu / n if n > 0 else None,
+        "ids": out,
+    }
 
 
 def mask_cost(tokenizer, model, constraint, ids: List[int]) -> dict:
@@ -153,22 +159,27 @@ def measure_model(name: str, tokens: int, trials: int, workdir: Path, log) -> di
     loads = []
     for trial in range(trials):
         loads.append(_load())
-        for label, constraint, overlap in variants:
+        shift = trial % len(variants)  # each trial starts with another variant: none is always first or last
+        for label, constraint, overlap in variants[shift:] + variants[:shift]:
             run = decode_run(model, tokenizer, constraint, tokens, seed=trial, overlap=overlap)
             runs[label].append(run)
             log(
                 f"{name} trial {trial + 1}/{trials}: {label}: {run['tokens']} tokens, {run['tps']:.1f} tok/s (load {loads[-1][0] if loads[-1] else '?'})"
             )
     free = statistics.median(r["tps"] for r in runs["free"])
+    free_cpu = statistics.median(r["cpu_ms"] for r in runs["free"])
     rows = []
     for label, constraint, overlap in variants:
         tps = statistics.median(r["tps"] for r in runs[label])
+        cpu = statistics.median(r["cpu_ms"] for r in runs[label])
         row = {
             "variant": label,
             "tps": round(tps, 2),
             "tps_trials": [round(r["tps"], 2) for r in runs[label]],
             "tokens": [r["tokens"] for r in runs[label]],
             "ratio": round(tps / free, 3),
+            "cpu_ms_per_token": round(cpu, 2),
+            "cpu_ratio": round(free_cpu / cpu, 3),
         }
         if constraint is not None and overlap:
             row["mask"] = mask_cost(tokenizer, model, constraint, runs[label][0]["ids"])
@@ -192,17 +203,23 @@ def markdown(results: dict) -> str:
         "",
         f"Decoding tok/s, sampled at temperature 1 from `{PROMPT}`, the median of {results['trials']} interleaved trials; ratio to free "
         f"decoding in the same run (target >= {TARGET}). Mask: llguidance's bitmask and advance per token, median / 95th percentile "
-        "(replayed apart). Constraints: an array of records (JSON schema), a regex of words, a Lark grammar of expressions; "
-        "'no overlap' waits for the logits before computing the mask.",
+        "(replayed apart). CPU ms/token: this process's CPU time (all its threads) per token, which other work on a shared "
+        "machine disturbs far less than wall time; 'CPU vs free' is free decoding's CPU time over the variant's. Constraints: an "
+        "array of records (JSON schema), a regex of words, a Lark grammar of expressions; 'no overlap' waits for the logits "
+        "before computing the mask. Each trial runs the variants in a rotated order.",
         "",
     ]
     for m in results["models"]:
         lines += [f"## {m['model']} (vocabulary {m['vocab_size']}, {m['gen_tokens']} tokens per run)", ""]
-        lines += ["| variant | tok/s | vs free | mask µs (median / p95) | trials |", "|---|---:|---:|---:|---|"]
+        lines += [
+            "| variant | tok/s | vs free | CPU ms/token | CPU vs free | mask µs (median / p95) | tok/s per trial |",
+            "|---|---:|---:|---:|---:|---:|---|",
+        ]
         for r in m["rows"]:
             mask = f"{r['mask']['median_us']} / {r['mask']['p95_us']}" if r.get("mask") else ""
+            trials = ", ".join(f"{t:.1f}" for t in r["tps_trials"])
             lines.append(
-                f"| {r['variant']} | {r['tps']:.1f} | {r['ratio']:.2f}x | {mask} | {', '.join(f'{t:.1f}' for t in r['tps_trials'])} |"
+                f"| {r['variant']} | {r['tps']:.1f} | {r['ratio']:.2f}x | {r['cpu_ms_per_token']:.1f} | {r['cpu_ratio']:.2f}x | {mask} | {trials} |"
             )
         lines += ["", f"Load average (1, 5, 15 min) at each trial's start: {m['load']}", ""]
     lines.append(f"Load average at the end: {results['load_average']}.")
@@ -212,7 +229,7 @@ def markdown(results: dict) -> str:
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     models = args.models or (QUICK_MODELS if args.quick else MODELS)
-    trials = args.trials or (1 if args.quick else 3)
+    trials = args.trials or (1 if args.quick else 5)
     out = args.out or Path("bench-results") / f"structured-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     if out.exists() and not args.force:
         raise ElmError(f"{out} already exists; pass --force to replace it")
@@ -230,7 +247,7 @@ def main(argv=None) -> None:
             log(machine["description"])
             measured = []
             for name in models:
-                tokens = args.gen_tokens or (32 if args.quick else (256 if name == "demo" else 64))
+                tokens = args.gen_tokens or (32 if args.quick else (256 if name == "demo" else 48))
                 measured.append(measure_model(name, tokens, trials, workdir, log))
             results = {"machine": machine, "trials": trials, "target": TARGET, "models": measured, "load_average": _load()}
             (staging / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
