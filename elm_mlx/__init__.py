@@ -15,6 +15,7 @@ from ._blas import preload_optimized_blas  # noqa: E402
 BLAS = preload_optimized_blas()
 
 from .batching import BatchEngine, batch_generate  # noqa: E402
+from .constrain import Constraint  # noqa: E402
 from .errors import ElmError  # noqa: E402
 from .generation import GenerationResponse, generate, stream_generate  # noqa: E402
 from .load import load  # noqa: E402
@@ -28,6 +29,7 @@ __all__ = [
     "BatchEngine",
     "GenerationResponse",
     "SamplingParams",
+    "Constraint",
     "ElmError",
     "BLAS",
 ]

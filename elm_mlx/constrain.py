@@ -319,14 +319,14 @@ def _compiler_message(messages: List[str]) -> str:
 # Masks on logits (portable MLX ops: CPU, CUDA and Metal alike)
 # --------------------------------------------------------------------------
 
-_BITS = mx.arange(32, dtype=mx.uint32)
-
 
 def apply_token_masks(logits: mx.array, words: np.ndarray) -> mx.array:
     """`logits` (B, V) with every token whose bit is 0 in `words` (B, W) int32 set to -inf."""
     batch, vocab = logits.shape
     packed = mx.array(np.ascontiguousarray(words).view(np.uint32))
-    allowed = ((packed[:, :, None] >> _BITS) & 1).reshape(batch, -1)
+    # Made here, not at import: an unevaluated array belongs to the stream of the thread that made it (the server decodes in its own).
+    bits = mx.arange(32, dtype=mx.uint32)
+    allowed = ((packed[:, :, None] >> bits) & 1).reshape(batch, -1)
     if allowed.shape[1] < vocab:
         allowed = mx.concatenate([allowed, mx.zeros((batch, vocab - allowed.shape[1]), dtype=allowed.dtype)], axis=1)
     return mx.where(allowed[:, :vocab].astype(mx.bool_), logits, mx.array(-mx.inf, dtype=logits.dtype))

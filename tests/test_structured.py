@@ -388,6 +388,19 @@ def test_server_json_object_regex_and_grammar(server, client):
         lark.Lark(GRAMMAR).parse(text)
     text, finish = ask(client, {"type": "text"}, 0, max_tokens=5)
     assert finish == "length"
+    # the extension on /v1/completions, and log-probabilities: those of the masked distribution, finite
+    reply = client.completions.create(
+        model="demo",
+        prompt=PROMPT,
+        max_tokens=20,
+        temperature=1.0,
+        seed=2,
+        logprobs=3,
+        extra_body={"response_format": {"type": "regex", "regex": "(yes|no)!"}},
+    )
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop" and choice.text in ("yes!", "no!")
+    assert "".join(choice.logprobs.tokens) == choice.text and all(-9999 < lp <= 0 for lp in choice.logprobs.token_logprobs)
 
 
 def test_server_length_cut_is_reported(client):
