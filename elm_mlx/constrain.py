@@ -210,9 +210,11 @@ def ll_tokenizer(tokenizer: Tokenizer, n_vocab: Optional[int] = None):
 class Matcher:
     """One sequence's position in its constraint: the tokens allowed next, and following the tokens chosen."""
 
-    def __init__(self, matcher, n_vocab: int, eos_ids: Sequence[int]):
+    def __init__(self, matcher, n_vocab: int, eos_ids: Sequence[int], stand_in_eos: Optional[int] = None):
         self._m, self.n_vocab, self.eos_ids = matcher, n_vocab, set(eos_ids)
         self.words = (n_vocab + 31) // 32
+        # llguidance always has an end token; for a tokenizer without one it picks a token of its own, never to be drawn
+        self._stand_in = stand_in_eos if stand_in_eos is not None and stand_in_eos not in self.eos_ids else None
 
     def fill_mask(self, row: np.ndarray) -> None:
         """Write the allowed-token bitmask (int32 words, bit i of word w is token 32 w + i) into `row`.
@@ -222,6 +224,9 @@ class Matcher:
         from llguidance.numpy import fill_next_token_bitmask
 
         fill_next_token_bitmask(self._m, row.reshape(1, -1))
+        if self._stand_in is not None:
+            word, bit = divmod(self._stand_in, 32)
+            row[word] &= np.int32(~(1 << bit) if bit < 31 else 0x7FFFFFFF)
         if self._m.is_error():
             raise ConstraintError(f"the constraint could not be followed: {_first_line(self._m.get_error())}")
         if not row.any() and not self._m.is_accepting():
@@ -279,7 +284,7 @@ def compile_constraint(constraint: Constraint, tokenizer: Tokenizer, n_vocab: Op
 
     lt = ll_tokenizer(tokenizer, n_vocab)
     grammar = check_constraint(constraint, lt)
-    matcher = Matcher(llg.LLMatcher(lt, grammar, log_level=0), lt.vocab_size, sorted(tokenizer.eos_ids))
+    matcher = Matcher(llg.LLMatcher(lt, grammar, log_level=0), lt.vocab_size, sorted(tokenizer.eos_ids), lt.eos_token)
     if matcher._m.is_error():
         raise ConstraintError(f"invalid {_what(constraint)}: {_compiler_message([matcher._m.get_error()])}")
     try:

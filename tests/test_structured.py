@@ -243,6 +243,20 @@ def test_max_tokens_cuts_with_length_and_no_claim(demo):
     assert (batched.finish_reason, batched.text) == ("length", text)
 
 
+def test_tokenizer_without_end_token_still_stops_when_complete(demo):
+    """With no end-of-sequence token to draw, a complete constraint ends the answer itself ("stop"), alone and batched."""
+    import copy
+
+    model, tokenizer = demo
+    no_eos = copy.copy(tokenizer)
+    no_eos.eos_ids = set()
+    pieces = list(stream_generate(model, no_eos, PROMPT, 30, HOT, seed=1, constraint=Constraint.regex("(yes|no)!")))
+    text = "".join(p.text for p in pieces)
+    assert pieces[-1].finish_reason == "stop" and text in ("yes!", "no!") and pieces[-1].generation_tokens < 30
+    results = batch_generate(model, no_eos, [PROMPT] * 3, 30, HOT, seeds=[1, 2, 3], constraint=Constraint.regex("(yes|no)!"))
+    assert all(r.finish_reason == "stop" and r.text in ("yes!", "no!") for r in results)
+
+
 BAD = [
     (Constraint.json_schema('{"type": "object",'), "not valid JSON"),
     (Constraint.json_schema({"type": "strin"}), "invalid JSON schema"),
