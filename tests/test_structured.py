@@ -257,6 +257,40 @@ def test_tokenizer_without_end_token_still_stops_when_complete(demo):
     assert all(r.finish_reason == "stop" and r.text in ("yes!", "no!") for r in results)
 
 
+def test_a_failing_matcher_ends_only_its_own_sequence(demo):
+    """A matcher that fails mid-answer (llguidance's resource limits, say) ends its request with "error"; the others go on."""
+    from elm_mlx.batching import BatchEngine, Request
+
+    model, tokenizer = demo
+
+    class Failing:
+        """A real matcher that gives up at its fourth mask."""
+
+        def __init__(self, inner):
+            self.inner, self.words, self.masks = inner, inner.words, 0
+
+        def fill_mask(self, row):
+            self.masks += 1
+            if self.masks == 4:
+                raise ConstraintError("the constraint could not be followed: too complex")
+            self.inner.fill_mask(row)
+
+        def consume(self, token):
+            self.inner.consume(token)
+
+    failing = Failing(compile_constraint(Constraint.regex("[a-z]{10,20}"), tokenizer))
+    engine = BatchEngine(model, tokenizer)
+    ok = engine.submit(Request(PROMPT, 40, HOT, seed=1, constraint=Constraint.regex("(yes|no)!")))
+    bad = engine.submit(Request(PROMPT, 40, HOT, seed=2))
+    engine.waiting[-1].matcher = failing
+    events = []
+    while engine.active or engine.queued:
+        events += engine.step()
+    ends = {e.id: e for e in events if e.finish_reason}
+    assert ends[bad].finish_reason == "error" and "too complex" in ends[bad].error and ends[bad].generation_tokens == 3
+    assert ends[ok].finish_reason == "stop" and "".join(e.text for e in events if e.id == ok) in ("yes!", "no!")
+
+
 BAD = [
     (Constraint.json_schema('{"type": "object",'), "not valid JSON"),
     (Constraint.json_schema({"type": "strin"}), "invalid JSON schema"),
