@@ -77,7 +77,8 @@ class Event:
     A generated token: `token`, its `logprobs` (vocab,) and its `text` (may be
     empty while a character or a possible stop string is pending). The end:
     token None and `finish_reason` "stop", "length" or "cancelled", with any
-    remaining text. Prefill progress: `prefilled` prompt tokens computed.
+    remaining text ("error", with `error` saying why, when the request's
+    constraint could not be followed). Prefill progress: `prefilled` prompt tokens computed.
     Every event says how many prompt tokens came from the prompt cache
     (`cached_tokens`, what usage.prompt_tokens_details.cached_tokens reports).
     """
