@@ -20,6 +20,7 @@ import pytest
 
 from elm_mlx import SamplingParams, batch_generate, stream_generate
 from elm_mlx.constrain import Constraint, ConstraintError, _Description, apply_token_masks, compile_constraint, ll_tokenizer
+from elm_mlx.errors import ElmError
 
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -291,6 +292,12 @@ def test_a_failing_matcher_ends_only_its_own_sequence(demo):
     assert ends[ok].finish_reason == "stop" and "".join(e.text for e in events if e.id == ok) in ("yes!", "no!")
 
 
+def test_constraints_and_speculative_decoding_are_refused_together(demo):
+    model, tokenizer = demo
+    with pytest.raises(ElmError, match="does not combine with speculative decoding"):
+        list(stream_generate(model, tokenizer, PROMPT, 8, constraint=Constraint.regex("a+"), prompt_lookup=4))
+
+
 BAD = [
     (Constraint.json_schema('{"type": "object",'), "not valid JSON"),
     (Constraint.json_schema({"type": "strin"}), "invalid JSON schema"),
@@ -351,6 +358,7 @@ def test_cli_json_schema_regex_and_grammar(tmp_path):
         (["--regex", "(("], "invalid regex"),
         (["--regex", "a", "--json-schema", "{}"], "not allowed with"),
         (["--grammar", __file__], "invalid grammar"),  # a Python file is no grammar
+        (["--regex", "a+", "--prompt-lookup", "4"], "do not combine with speculative decoding"),
     ],
 )
 def test_cli_bad_constraint_is_one_line(capsys, args, message):
@@ -482,6 +490,19 @@ def test_server_bad_response_format_is_400_and_it_keeps_serving(client, response
     assert error["type"] == "invalid_request_error"
     text, finish = ask(client, {"type": "regex", "regex": "(yes|no)"}, 0)
     assert finish == "stop" and text in ("yes", "no")
+
+
+def test_server_refuses_response_format_with_prompt_lookup(server, client):
+    openai = pytest.importorskip("openai")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model="demo",
+            messages=[{"role": "user", "content": "hi"}],
+            response_format={"type": "json_object"},
+            extra_body={"prompt_lookup": 4},
+        )
+    assert e.value.body["param"] == "prompt_lookup"  # the batching server refuses prompt lookup on its own
+    assert server[0] == "batched" or "does not combine" in e.value.body["message"]
 
 
 def test_bench_structured_quick_writes_results(tmp_path):
