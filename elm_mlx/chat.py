@@ -4,7 +4,8 @@ elm-mlx chat --model apple/OpenELM-270M-Instruct
 
 Multi-turn with the model's chat template, answers streamed as they are
 generated. The KV cache is kept across turns: each turn computes only its new
-tokens, never the history again. Commands: /help, /stats, /reset,
+tokens, never the history again. With --json-schema, --regex or --grammar
+every answer follows that constraint. Commands: /help, /stats, /reset,
 /system TEXT, /save FILE, /exit (or Ctrl-D). Ctrl-C stops the answer being
 written, not the program.
 """
@@ -24,6 +25,7 @@ from .errors import ElmError
 from .files import write_text_atomically
 from .generation import GenerationResponse, context_length, format_stats, stream_generate
 from .options import (
+    add_constraint_options,
     add_generation_options,
     add_kv_options,
     add_model_options,
@@ -31,6 +33,7 @@ from .options import (
     add_speculative_options,
     add_verbose_option,
     check_speculative_args,
+    constraint_from_args,
     kv_from_args,
     load_from_args,
     notice,
@@ -64,9 +67,11 @@ class ChatSession:
         notice=None,
         kv: Optional[KVOptions] = None,
         speculative: Optional[dict] = None,
+        constraint=None,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.speculative = speculative or {}  # stream_generate's speculative keywords (options.speculative_from_args)
+        self.constraint = constraint  # an elm_mlx.constrain.Constraint every answer follows (a fresh matcher each turn), or None
         self.prompt_cache = PromptCache(model, kv)  # a rotating window that dropped tokens recomputes an edited history
         self.context_length = context_length(model)
         self.system = system
@@ -131,7 +136,15 @@ class ChatSession:
         """Stream the answer; the turn is recorded even when the caller stops early."""
         prompt, budget = self.fitted_prompt(user_text, max_tokens)
         responses = stream_generate(
-            self.model, self.tokenizer, prompt, budget, sampling, stop=stop, prompt_cache=self.prompt_cache, **self.speculative
+            self.model,
+            self.tokenizer,
+            prompt,
+            budget,
+            sampling,
+            stop=stop,
+            prompt_cache=self.prompt_cache,
+            **self.speculative,
+            constraint=self.constraint,
         )
         answer, r = [], None
         try:
@@ -274,6 +287,7 @@ def build_parser() -> ArgumentParser:
     add_sampling_options(p, repetition_penalty=1.2)
     add_kv_options(p)
     add_speculative_options(p)
+    add_constraint_options(p)
     p.add_argument(
         "--stats", action="store_true", help="print prompt/cache/speed figures after every answer (/stats shows them on request)"
     )
@@ -286,12 +300,17 @@ def main(argv: Optional[List[str]] = None) -> None:
     sampling = sampling_from_args(args)
     kv = kv_from_args(args)
     check_speculative_args(args)
+    constraint = constraint_from_args(args)  # every refusal before the (slow) model load
     model_name, model, tokenizer = load_from_args(args, verbose=args.verbose)
     speculative = speculative_from_args(args, model, tokenizer, verbose=args.verbose)
+    if constraint is not None:  # what needs the tokenizer (a regex no token sequence spells) refused once, before the first turn
+        from .constrain import matcher_for
+
+        matcher_for(constraint, tokenizer, model)
     if args.seed is not None:
         mx.random.seed(args.seed)
     session = ChatSession(
-        model, tokenizer, args.system, notice=notice, kv=kv, speculative=speculative
+        model, tokenizer, args.system, notice=notice, kv=kv, speculative=speculative, constraint=constraint
     )  # refuses a group size the heads do not split into
     repl(session, args.max_tokens, sampling, args.stats, model_name=_display_name(model_name), stop=[unescape(t) for t in args.stop])
 

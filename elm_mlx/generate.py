@@ -101,9 +101,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.chat is False and args.system is not None:
         raise ElmError("--system needs chat formatting; drop --no-chat")
     sampling = sampling_from_args(args)
-    constraint = constraint_from_args(args)
-    if constraint is not None and (args.draft_model is not None or getattr(args, "prompt_lookup", None) is not None):
-        raise ElmError("--json-schema, --regex and --grammar do not combine with speculative decoding (--draft-model, --prompt-lookup) yet")
+    constraint = constraint_from_args(args)  # refuses speculative options beside it
     model_name, model, tokenizer = load_from_args(args, verbose=args.verbose)
     speculative = speculative_from_args(args, model, tokenizer, verbose=args.verbose)
     prompt_cache = None

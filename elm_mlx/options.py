@@ -343,7 +343,10 @@ def add_constraint_options(p: argparse.ArgumentParser) -> None:
 
 
 def constraint_from_args(args):
-    """The Constraint the flags ask for (elm_mlx.constrain), or None; its files read, not yet compiled."""
+    """The Constraint the flags ask for (elm_mlx.constrain), or None; its files read, not yet compiled.
+
+    Refused beside speculative options (--draft-model, --prompt-lookup), which it does not combine with yet.
+    """
     from .constrain import MAX_SOURCE_CHARS, Constraint, check_constraint
 
     def read(path: str, flag: str) -> str:
@@ -367,4 +370,6 @@ def constraint_from_args(args):
     else:
         return None
     check_constraint(constraint)  # before the model loads; what needs the tokenizer is checked once it has
+    if getattr(args, "draft_model", None) is not None or getattr(args, "prompt_lookup", None) is not None:
+        raise ElmError("--json-schema, --regex and --grammar do not combine with speculative decoding (--draft-model, --prompt-lookup) yet")
     return constraint
