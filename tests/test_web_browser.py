@@ -3,7 +3,7 @@
 The page talks to a real server (make_app + the one-at-a-time Engine) serving the demo model. One test needs
 the model to write HTML: no trained model can be asked for an exact string, so there the real app and worker
 serve a stand-in engine whose "generation" is a fixed reply (ScriptedEngine), streamed token by token.
-Set ELM_MLX_ARTIFACTS to a folder to keep the screenshot (docs/chat-page.png is one such copy).
+Set ELM_MLX_ARTIFACTS to a folder to keep the screenshots (docs/chat-page.png and docs/chat-page-json.png are such copies).
 """
 
 import functools
@@ -62,7 +62,7 @@ def browser(tmp_path_factory):
 
 
 class Recorder:
-    """ASGI wrapper noting each request's method, path, Origin and answer status: shows what reached the server."""
+    """ASGI wrapper noting each request's method, path, Origin, body and answer status: shows what reached the server."""
 
     def __init__(self, app):
         self.app, self.seen = app, []
@@ -72,13 +72,21 @@ class Recorder:
             return await self.app(scope, receive, send)
         entry = {"method": scope["method"], "path": scope["path"], "origin": dict(scope["headers"]).get(b"origin", b"").decode()}
         self.seen.append(entry)
+        body = bytearray()
+
+        async def reading():
+            message = await receive()
+            if message["type"] == "http.request":
+                body.extend(message.get("body", b""))
+                entry["body"] = bytes(body)
+            return message
 
         async def noting(message):
             if message["type"] == "http.response.start":
                 entry["status"] = message["status"]
             await send(message)
 
-        await self.app(scope, receive, noting)
+        await self.app(scope, reading, noting)
 
 
 @pytest.fixture(scope="module")
@@ -384,3 +392,98 @@ def test_another_site_cannot_use_the_model_unless_allowed(browser, demo_server, 
         reply = browser.execute_async_script(FETCH, f"http://127.0.0.1:{port}/v1/chat/completions", init)
         assert reply["status"] == 200 and reply["type"] == "cors", reply
         assert json.loads(reply["text"])["choices"][0]["message"]["content"] == "Good morrow."
+
+
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+def sent_bodies(seen, since):
+    return [json.loads(r["body"]) for r in seen[since:] if r["path"] == "/v1/chat/completions" and r["method"] == "POST"]
+
+
+def shown_code(driver, n):
+    """The text of answer n's JSON code block, exactly (textContent), or None when it is not shown as one."""
+    return driver.execute_script(
+        "const c = document.querySelectorAll('#messages .message.assistant')[arguments[0]].querySelector('.body > pre.json > code');"
+        "return c ? c.textContent : null",
+        n,
+    )
+
+
+def test_answer_as_json_follows_the_schema_and_a_refused_schema_is_explained(browser, demo_server, tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    engine, url, seen = demo_server
+    open_page(browser, url)
+    set_value(browser, "max-tokens", "120")
+    schema_box, error, notice = (browser.find_element(By.ID, i) for i in ("schema", "schema-error", "notice"))
+    assert not schema_box.is_displayed()
+    browser.find_element(By.ID, "json-on").click()
+    assert schema_box.is_displayed()
+    # Not JSON: said at the box; nothing is sent and the message stays to be sent again.
+    set_value(browser, "schema", '{"type": "object",')
+    since = len(seen)
+    say(browser, "Who art thou?")
+    wait(browser, lambda: error.is_displayed(), message="no inline message for a schema that is not JSON")
+    assert error.text.startswith("The schema is not valid JSON: ") and "invalid" in schema_box.get_attribute("class")
+    assert sent_bodies(seen, since) == [] and not answers(browser)
+    assert browser.find_element(By.ID, "prompt").get_attribute("value") == "Who art thou?"
+    set_value(browser, "schema", "[1, 2]")
+    browser.find_element(By.ID, "send").click()
+    wait(browser, lambda: "must be a JSON object" in error.text)
+    # A schema: sent as OpenAI's json_schema; the streamed answer parses and validates, shown as a code block.
+    set_value(browser, "schema", json.dumps(PERSON, indent=2))
+    assert not error.is_displayed()  # a shown error goes once the text is fixed
+    browser.find_element(By.ID, "send").click()
+    wait(browser, lambda: len(answers(browser)) == 1 and not streaming(browser), timeout=60)
+    [sent] = sent_bodies(seen, since)
+    assert sent["response_format"] == {"type": "json_schema", "json_schema": {"name": "answer", "schema": PERSON, "strict": True}}
+    text = shown_code(browser, 0)
+    jsonschema.validate(json.loads(text), PERSON)
+    assert text == stored_messages(browser)[1]["content"] and engine.finished[-1]["generated_tokens"] < 120
+    assert answers(browser)[0].find_element(By.CLASS_NAME, "stats").text.endswith("finish: stop")
+    no_page_errors(browser)
+    artifacts = Path(os.environ.get("ELM_MLX_ARTIFACTS", tmp_path))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    assert browser.save_screenshot(str(artifacts / "chat-page-json.png"))
+    # A reload keeps the box (switch and schema) and shows the answer as JSON again.
+    browser.refresh()
+    wait(browser, lambda: browser.find_element(By.ID, "model").text == "OpenELM-Shakespeare")
+    assert browser.find_element(By.ID, "json-on").is_selected()
+    assert browser.find_element(By.ID, "schema").get_attribute("value") == json.dumps(PERSON, indent=2)
+    assert shown_code(browser, 0) == text
+    # JSON the server cannot follow as a schema: the server's 400 in its own words; the question comes back.
+    notice = browser.find_element(By.ID, "notice")
+    set_value(browser, "schema", '{"type": "strin"}')
+    since = len(seen)
+    say(browser, "Speak again.")
+    wait(browser, lambda: notice.is_displayed(), message="no refusal shown")
+    [refused] = sent_bodies(seen, since)
+    status, _, reply = request(int(url.rsplit(":", 1)[1]), "POST", "/v1/chat/completions", refused, {"Content-Type": "application/json"})
+    assert status == 400 and reply["error"]["param"] == "response_format" and seen[since]["status"] == 400
+    assert notice.find_element(By.CLASS_NAME, "detail").text == reply["error"]["message"]
+    assert "refused the JSON schema (400)" in notice.text
+    assert browser.find_element(By.ID, "prompt").get_attribute("value") == "Speak again." and len(answers(browser)) == 1
+    # The next request works: the empty box asks for any JSON object.
+    set_value(browser, "schema", "")
+    set_value(browser, "max-tokens", "16")
+    since = len(seen)
+    browser.find_element(By.ID, "send").click()
+    wait(browser, lambda: len(answers(browser)) == 2 and not streaming(browser), timeout=30)
+    assert not notice.is_displayed()
+    [sent] = sent_bodies(seen, since)
+    assert sent["response_format"] == {"type": "json_object"} and seen[since]["status"] == 200
+    assert shown_code(browser, 1).startswith("{")
+    # Switched off: free text again, rendered as Markdown.
+    browser.find_element(By.ID, "json-on").click()
+    assert not browser.find_element(By.ID, "schema").is_displayed()
+    set_value(browser, "max-tokens", "8")
+    since = len(seen)
+    say(browser, "Farewell.")
+    wait(browser, lambda: len(answers(browser)) == 3 and not streaming(browser), timeout=30)
+    [sent] = sent_bodies(seen, since)
+    assert "response_format" not in sent and shown_code(browser, 2) is None

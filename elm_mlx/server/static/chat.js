@@ -1,6 +1,8 @@
 // The chat page: talks to this server's public API only (/v1/models, /v1/chat/completions streamed
 // as server-sent events, /health). Conversations live in localStorage. Model and server text is
-// only ever put into the page as text nodes (see markdown.js), never as HTML.
+// only ever put into the page as text nodes (see markdown.js), never as HTML. "Answer as JSON" sends
+// OpenAI's response_format: json_schema with the schema box's schema (checked as JSON here first),
+// or json_object when the box is empty.
 
 import { renderMarkdown } from "./markdown.js";
 
@@ -10,7 +12,8 @@ const ui = {
   model: $("model"), status: $("server-status"), list: $("conversations"), messages: $("messages"), notice: $("notice"),
   composer: $("composer"), prompt: $("prompt"), send: $("send"), stop: $("stop"), newChat: $("new-chat"), exportButton: $("export"),
   system: $("system"), temperature: $("temperature"), temperatureValue: $("temperature-value"), topP: $("top-p"),
-  topPValue: $("top-p-value"), maxTokens: $("max-tokens"), schemaBox: $("schema-box"), schemaOn: $("schema-on"), schema: $("schema"),
+  topPValue: $("top-p-value"), maxTokens: $("max-tokens"), jsonOn: $("json-on"), jsonFields: $("json-fields"), schema: $("schema"),
+  schemaError: $("schema-error"),
 };
 
 let model = null; // the id /v1/models lists
@@ -18,13 +21,15 @@ let running = null; // {controller, message, element} while an answer streams
 
 // ---- storage ------------------------------------------------------------------------------
 
-const DEFAULT_SETTINGS = { system: "", temperature: 0.7, top_p: 0.95, max_tokens: 256 };
+const DEFAULT_SETTINGS = { system: "", temperature: 0.7, top_p: 0.95, max_tokens: 256, json: false, schema: "" };
 
 function loadStore() {
   try {
     const data = JSON.parse(localStorage.getItem(KEY) || "null");
     if (data && Array.isArray(data.conversations)) {
       data.settings = { ...DEFAULT_SETTINGS, ...(data.settings || {}) };
+      data.settings.json = data.settings.json === true;
+      if (typeof data.settings.schema !== "string") data.settings.schema = "";
       data.conversations = data.conversations.filter((c) => c && typeof c.id === "string" && Array.isArray(c.messages));
       return data;
     }
@@ -94,8 +99,15 @@ async function copyText(text, button) {
   setTimeout(() => (button.textContent = "Copy"), 1500);
 }
 
+function jsonBlock(text) {
+  // an answer asked for as JSON: its text as written, in a code block (a text node, like everything else)
+  const pre = el("pre", "json");
+  pre.append(el("code", "", text));
+  return pre;
+}
+
 function fillAnswer(element, message) {
-  element.querySelector(".body").replaceChildren(renderMarkdown(message.content));
+  element.querySelector(".body").replaceChildren(message.format === "json" ? jsonBlock(message.content) : renderMarkdown(message.content));
   element.querySelector(".stats").textContent = statsText(message.stats);
 }
 
@@ -194,14 +206,54 @@ function bindSettings() {
   for (const input of [ui.system, ui.temperature, ui.topP, ui.maxTokens]) input.addEventListener("input", update);
   ui.temperatureValue.textContent = Number(s.temperature).toFixed(2);
   ui.topPValue.textContent = Number(s.top_p).toFixed(2);
+
+  ui.jsonOn.checked = s.json;
+  ui.schema.value = s.schema;
+  ui.jsonFields.hidden = !s.json;
+  ui.jsonOn.addEventListener("change", () => {
+    s.json = ui.jsonOn.checked;
+    ui.jsonFields.hidden = !s.json;
+    showSchemaProblem(null);
+    save();
+  });
+  ui.schema.addEventListener("input", () => {
+    s.schema = ui.schema.value;
+    if (!ui.schemaError.hidden) showSchemaProblem(schemaProblem(s.schema)); // a shown error goes once fixed
+    save();
+  });
+  ui.schema.addEventListener("change", () => showSchemaProblem(schemaProblem(s.schema)));
 }
 
-// STRUCTURED OUTPUT: the request's response_format, from the JSON-schema box. The box is hidden
-// (index.html) until the server supports response_format; while hidden this sends nothing.
+// ---- structured output ------------------------------------------------------------------------
+
+// What is wrong with the schema box's text, or null (empty is fine: any JSON object). Whether it is a
+// schema the server can follow is the server's to say (a 400 with its compiler's message).
+function schemaProblem(text) {
+  if (!text.trim()) return null;
+  let schema;
+  try {
+    schema = JSON.parse(text);
+  } catch (e) {
+    return `The schema is not valid JSON: ${e.message}`;
+  }
+  if (typeof schema !== "boolean" && (schema === null || typeof schema !== "object" || Array.isArray(schema))) {
+    return 'The schema must be a JSON object, e.g. {"type": "object"}.';
+  }
+  return null;
+}
+
+function showSchemaProblem(problem) {
+  ui.schemaError.textContent = problem || "";
+  ui.schemaError.hidden = !problem;
+  ui.schema.classList.toggle("invalid", Boolean(problem));
+}
+
+// The request's response_format: undefined for free text (check schemaProblem first).
 function responseFormat() {
-  if (ui.schemaBox.hidden || !ui.schemaOn.checked || !ui.schema.value.trim()) return undefined;
-  const schema = JSON.parse(ui.schema.value); // a SyntaxError is shown to the user by send()
-  return { type: "json_schema", json_schema: { name: "answer", schema } };
+  const s = store.settings;
+  if (!s.json) return undefined;
+  if (!s.schema.trim()) return { type: "json_object" };
+  return { type: "json_schema", json_schema: { name: "answer", schema: JSON.parse(s.schema), strict: true } };
 }
 
 // ---- talking to the server ----------------------------------------------------------------------
@@ -216,11 +268,13 @@ class ServerError extends Error {
 async function refusal(response) {
   let message = `${response.status} ${response.statusText}`;
   let code = null;
+  let param = null;
   try {
     const body = await response.json();
     if (body && body.error && typeof body.error.message === "string") {
       message = body.error.message;
       code = body.error.code;
+      param = body.error.param;
     }
   } catch {
     // not JSON: keep the status line
@@ -230,6 +284,7 @@ async function refusal(response) {
   }
   if (response.status === 429 || response.status === 503) return new ServerError(`The server is busy (${response.status}).`, message);
   if (response.status >= 500) return new ServerError(`The server failed (${response.status}).`, message);
+  if (param === "response_format") return new ServerError(`The server refused the JSON schema (${response.status}).`, message);
   return new ServerError(`The server refused the request (${response.status}).`, message);
 }
 
@@ -284,21 +339,21 @@ async function watchQueue(started) {
 async function send() {
   const text = ui.prompt.value;
   if (!text.trim() || running) return;
+  const problem = store.settings.json ? schemaProblem(store.settings.schema) : null;
+  showSchemaProblem(problem);
+  if (problem) {
+    ui.schema.focus(); // nothing sent; the message stays in its box
+    return;
+  }
   const conversation = current();
   clearNotice();
   const user = { role: "user", content: text };
   conversation.messages.push(user);
-  let body;
-  try {
-    body = requestBody(conversation);
-  } catch (e) {
-    conversation.messages.pop();
-    showNotice("The JSON schema is not valid JSON.", String(e.message));
-    return;
-  }
+  const body = requestBody(conversation);
   if (conversation.title === "New chat") conversation.title = text.trim().slice(0, 48);
   conversation.system = store.settings.system;
   const answer = { role: "assistant", content: "", stats: null };
+  if (body.response_format) answer.format = "json";
   conversation.messages.push(answer);
   ui.prompt.value = "";
   save();
