@@ -47,7 +47,7 @@ def test_quick_run_writes_every_figure_and_speculation_is_exact(tmp_path, env, d
     assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md", "speedup.png"]
     assert [p.name for p in tmp_path.iterdir()] == ["spec"]  # no staging directory left beside it
     results = json.loads((out / "results.json").read_text())
-    methods = ["plain", "compiled", "lookup K=4", "draft K=2"]
+    methods = ["plain", "compiled", "lookup K=4", "lookup K=4 adaptive", "draft K=2"]
     rows = {(r["kind"], r["method"]): r for r in results["rows"]}
     assert set(rows) == {(kind, m) for kind in ("copy", "free") for m in methods}
     for row in rows.values():
