@@ -27,7 +27,7 @@ OUTPUT_FILES = frozenset(
         "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
         "training.json", "loss.png",
         "adapters.safetensors", "adapter_config.json", "optimizer.safetensors", "state.json",
-        "results.json", "results.md", "tps_by_size.png", "ablation.png", "aggregate_tps.png",
+        "results.json", "results.md", "tps_by_size.png", "ablation.png", "aggregate_tps.png", "speedup.png",
     }
 )  # fmt: skip
 OUTPUT_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
