@@ -66,6 +66,9 @@ def test_quick_run_writes_every_figure_and_speculation_is_exact(tmp_path, env, d
 
     again = bench("--quick", "--draft", str(draft_dir), "--out", str(out), env=env)
     assert again.returncode == 1 and again.stderr.count("\n") == 1 and "already exists; pass --force" in again.stderr
+    replaced = bench("--quick", "--draft", str(draft_dir), "--out", str(out), "--force", "--max-tokens", "4", env=env)
+    assert replaced.returncode == 0, replaced.stderr  # --force replaces an earlier output of this bench (its PNG included)
+    assert json.loads((out / "results.json").read_text())["settings"]["max_tokens"] == 4
 
 
 @pytest.mark.parametrize(
