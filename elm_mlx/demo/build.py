@@ -73,7 +73,7 @@ SHAPE = dict(num_transformer_layers=6, model_dim=256, head_dim=32, num_gqa_group
 # (dispatch, attention), not per parameter, and a draft must cost a small fraction of the target's step.
 DRAFT_SHAPE = dict(SHAPE, num_transformer_layers=2, model_dim=192)
 DEFAULT_ITERS = 800
-DRAFT_ITERS = 400  # the bundled draft's: 29 minutes on 2 CPU cores shared with other jobs (load about 10); 10 unshared
+DRAFT_ITERS = 400  # the bundled draft's: 29 minutes on 2 CPU cores shared with other jobs (load about 10); it ran 1 step/s alone
 
 
 def demo_config(vocab_size: int = SHAPE["vocab_size"], shape: Optional[dict] = None) -> dict:
