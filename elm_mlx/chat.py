@@ -172,8 +172,17 @@ def session_stats(session: ChatSession, model_name: str) -> str:
         f"context: {used} of {limit} tokens used ({100 * used / limit:.0f}%)" if limit else f"context: {used} tokens used",
         f"turns: {sum(m['role'] == 'user' for m in session.messages)}" + (f"; system prompt: {session.system!r}" if session.system else ""),
     ]
+    if session.constraint is not None:
+        lines.append(f"every answer follows {_constraint_text(session.constraint)}")
     lines.append(f"last answer: {_stats(session.last)}" if session.last else "last answer: none yet")
     return "\n".join(lines)
+
+
+def _constraint_text(constraint) -> str:
+    kind, source = constraint.kind, constraint.source
+    if kind == "regex":
+        return f"the regex {one_line(source, 80)}"
+    return {"json_schema": "a JSON schema", "json_object": "JSON (any object)", "grammar": "a Lark grammar"}.get(kind, kind)
 
 
 def save_transcript(session: ChatSession, model_name: str, sampling: SamplingParams, file: str) -> str:
@@ -312,6 +321,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     session = ChatSession(
         model, tokenizer, args.system, notice=notice, kv=kv, speculative=speculative, constraint=constraint
     )  # refuses a group size the heads do not split into
+    if constraint is not None:
+        notice(f"(every answer follows {_constraint_text(constraint)})")
     repl(session, args.max_tokens, sampling, args.stats, model_name=_display_name(model_name), stop=[unescape(t) for t in args.stop])
 
 

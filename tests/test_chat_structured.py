@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from elm_mlx import SamplingParams
-from elm_mlx.chat import ChatSession
+from elm_mlx.chat import ChatSession, session_stats
 from elm_mlx.constrain import Constraint
 from terminal import Terminal
 
@@ -42,6 +42,7 @@ def test_every_turn_of_a_session_follows_the_schema(demo):
         if turn:  # the history (the first answer included) came from the cache: the constraint does not break reuse
             assert session.last.prompt_cached_tokens > 0
     assert [m["role"] for m in session.messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert "every answer follows a JSON schema" in session_stats(session, "demo")
 
 
 def _answers(term: Terminal, questions) -> list:
