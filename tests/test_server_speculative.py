@@ -72,7 +72,10 @@ def test_a_draft_model_for_the_whole_server(demo):
     reply = complete(client).json()
     stats = reply["usage"]["speculative"]
     assert stats["acceptance_rate"] == 1.0 and stats["target_passes"] == 6  # 30 tokens, 5 per pass
-    assert reply["choices"][0]["text"] == complete(client, prompt_lookup=0).json()["choices"][0]["text"]
+    assert complete(client, prompt_lookup=None).json()["usage"]["speculative"] == stats  # null: the server's default
+    off = complete(client, prompt_lookup=0).json()  # 0: this request decodes plainly
+    assert "speculative" not in off["usage"] and off["usage"]["completion_tokens"] == 30
+    assert reply["choices"][0]["text"] == off["choices"][0]["text"]
 
 
 def test_a_batching_server_refuses_speculation_and_still_batches(demo):

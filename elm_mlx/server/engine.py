@@ -34,7 +34,7 @@ class Job:
     stop: List[str]
     seed: Optional[int]
     top_logprobs: int
-    speculative: dict = field(default_factory=dict)  # stream_generate's speculative keywords; {}: the server's default
+    speculative: Optional[dict] = None  # stream_generate's speculative keywords; None: the server's default; {}: plain
     constraint: Any = None  # an elm_mlx.constrain Matcher: the answer follows a JSON schema, regex or grammar
     emit: Any = None  # called from the worker thread with each GenerationResponse, then None
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -93,7 +93,7 @@ class Engine:
             prompt_cache=self.prompt_cache,
             cancel=job.cancelled.is_set,
             # A constrained answer is decoded plainly, even where the server speculates by default (they do not combine yet).
-            **({} if job.constraint is not None else (job.speculative or self.speculative)),
+            **({} if job.constraint is not None else (self.speculative if job.speculative is None else job.speculative)),
             constraint=job.constraint,
         )
         try:

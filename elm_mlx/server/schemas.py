@@ -167,13 +167,16 @@ def parse_common(body: dict, defaults: Optional[SamplingParams] = None) -> Dict[
     return dict(sampling=parse_sampling(body, defaults), stop=parse_stop(body), seed=seed)
 
 
-def parse_speculative(body: dict, refused: Optional[str] = None) -> Dict[str, Any]:
-    """The extension field "prompt_lookup": K (0 or null: off) or {"num_tokens": K, "min_ngram": a, "max_ngram": b},
-    as stream_generate's keywords; `refused` says why this server cannot (engine.speculation_refused)."""
+def parse_speculative(body: dict, refused: Optional[str] = None) -> Optional[Dict[str, Any]]:
+    """The extension field "prompt_lookup": K or {"num_tokens": K, "min_ngram": a, "max_ngram": b}, as stream_generate's
+    keywords; `refused` says why this server cannot (engine.speculation_refused). Absent or null: None (the server's
+    default, its --draft-model if any); 0: {} (plain decoding, even on a server that drafts)."""
     from ..speculative import MAX_DRAFT_TOKENS, PromptLookup
 
     value = body.get("prompt_lookup")
-    if value is None or (value == 0 and isinstance(value, int) and not isinstance(value, bool)):
+    if value is None:
+        return None
+    if value == 0 and isinstance(value, int) and not isinstance(value, bool):
         return {}
     if isinstance(value, dict):
         unknown = sorted(set(value) - {"num_tokens", "min_ngram", "max_ngram"})
