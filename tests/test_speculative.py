@@ -1,6 +1,7 @@
 """Speculative decoding: the same text as plain greedy decoding, the target's distribution when sampling, refusals."""
 
 import copy
+import itertools
 
 import mlx.core as mx
 import numpy as np
@@ -496,3 +497,63 @@ def test_every_position_keeps_the_distribution_through_whole_runs(tiny, proposal
             assert chi_square(np.round(probs(draft, 3 + position) * runs), expected) > 3 * CHI2_BOUNDS[3]
     pairs = np.bincount(texts[:, 1] * len(ids) + texts[:, 2], minlength=len(ids) ** 2)
     assert chi_square(pairs, np.outer(probs(target, 4), probs(target, 5)).ravel()) < CHI2_BOUNDS[15]
+
+
+def test_whole_runs_keep_the_distribution_with_penalty_top_p_min_p_and_temperature(tiny):
+    """The joint distribution of three sampled tokens, with a repetition penalty over a 3-token window, top-p,
+    min-p and a temperature, matches the one computed here in numpy, plain and speculative alike (chi-square
+    over 1500 seeds). The position model's rows are fixed, so only the filters make a token depend on the text."""
+    tokenizer = tiny[1]
+    rng = np.random.default_rng(1)
+    ids = np.arange(100, 104)
+    penalty, window, top_p, min_p, temp = 3.0, 3, 0.8, 0.1, 0.7
+
+    def table():
+        t = np.full((16, 384), -1e9, np.float32)
+        t[:, ids] = 0.7 * rng.standard_normal((16, len(ids))) + 0.5  # positive and negative logits: both penalty rules
+        return t
+
+    target, draft, prompt = table(), table(), [1, 100, 101, 100]
+
+    def filtered(history, position, filters=True):
+        """The next token's distribution over `ids`: penalty on the raw logits, log-softmax, top-p, min-p, temperature."""
+        logits = target[position].astype(np.float64)
+        if filters:
+            for token in set(history[-window:]):
+                logits[token] = logits[token] / penalty if logits[token] > 0 else logits[token] * penalty
+        logprobs = logits[ids] - np.log(np.exp(logits[ids] - logits[ids].max()).sum()) - logits[ids].max()
+        keep = np.ones(len(ids), bool)
+        if filters:
+            p = np.exp(logprobs)
+            order = np.argsort(-p)
+            mass_before = np.cumsum(p[order]) - p[order]
+            keep[:] = False
+            keep[order[(mass_before < top_p) | (np.arange(len(ids)) == 0)]] = True
+            keep &= logprobs >= logprobs.max() + np.log(min_p)
+        weights = np.where(keep, np.exp((logprobs - logprobs.max()) / temp), 0.0)
+        return weights / weights.sum()
+
+    def joint(filters=True):
+        out = np.zeros(len(ids) ** 3)
+        for a, b, c in itertools.product(range(len(ids)), repeat=3):
+            history = prompt + [int(ids[a])]
+            pa = filtered(prompt, 3, filters)[a]
+            pb = filtered(history, 4, filters)[b]
+            pc = filtered(history + [int(ids[b])], 5, filters)[c]
+            out[(a * len(ids) + b) * len(ids) + c] = pa * pb * pc
+        return out
+
+    expected, unfiltered = joint(), joint(filters=False)
+    dof = int((expected > 0).sum()) - 1
+    assert dof == 34  # some outcomes are ruled out by the filters; the bound below is for this many
+    bound = 67.80  # chi-square with 34 degrees of freedom: P(above) = 0.0005
+    sampling = SamplingParams(temp=temp, top_p=top_p, min_p=min_p, repetition_penalty=penalty, repetition_context_size=window)
+    runs = 1500
+    for speculative in ({}, {"prompt_lookup": 2}, {"draft_model": PositionModel(draft), "num_draft_tokens": 2}):
+        counts = np.zeros(len(ids) ** 3)
+        for seed in range(runs):
+            responses = stream_generate(PositionModel(target), tokenizer, prompt, max_tokens=3, sampling=sampling, seed=seed, **speculative)
+            a, b, c = [r.token - 100 for r in responses if r.token is not None]
+            counts[(a * len(ids) + b) * len(ids) + c] += 1
+        assert chi_square(counts, expected) < bound, speculative
+    assert np.abs(unfiltered - expected).sum() > 0.5  # without the filters the distribution is far off
