@@ -162,6 +162,7 @@ class BatchEngine:
         self.decoding: List[_Sequence] = []  # in the order of the batch cache's rows
         self._cancelled: Set[int] = set()
         self._cancel_lock = threading.Lock()  # cancel() may come from another thread
+        self._pending: Optional[_Step] = None  # the decode step computing now, its tokens not handed out yet
         self._next_id = 0
 
     # ---- the requests ---------------------------------------------------
@@ -265,10 +266,43 @@ class BatchEngine:
         self.decoding.append(seq)
 
     def _decode(self) -> List[Event]:
-        """One forward pass for every row; each row's token chosen as it would be alone."""
-        rows = self.decoding
-        inputs = mx.array([[s.next_input] for s in rows], dtype=mx.uint32)
-        logits = self.model(inputs, cache=self.cache, mask=self.cache[0].mask())[:, -1, :]
+        """Queue this step's forward pass for every row, then hand out the previous step's tokens.
+
+        Pipelined: step n+1 is computing (mx.async_eval) while step n's tokens
+        become text and the caller delivers them, so Python's work per token
+        overlaps the model's. A row's input is the previous step's token,
+        still an array then. A row that finished at step n has computed step
+        n+1 in vain; that token is dropped, so every row's tokens are those it
+        would get alone. A row with logits processors needs its whole history,
+        and a constrained row its matcher moved past its last token, before
+        its next step: then the previous step is handed out first.
+        """
+        events: List[Event] = []
+        previous, self._pending = self._pending, None
+        if previous is not None and any(s.processors or s.matcher is not None for s in self.decoding):
+            events += self._hand_out(previous)
+            previous = None
+        if self.decoding:
+            self._pending = self._launch(previous)
+        if previous is not None:
+            events += self._hand_out(previous)
+        return events
+
+    def _launch(self, previous: Optional["_Step"]) -> "_Step":
+        """Build one forward pass for every row and start computing it; rows carried over from `previous`
+        take its (not yet computed) tokens as input, rows that joined since take their last prompt token."""
+        rows = list(self.decoding)
+        if previous is None:
+            inputs = mx.array([s.next_input for s in rows], dtype=mx.uint32)
+        else:
+            position = {s.id: i for i, s in enumerate(previous.rows)}
+            joined = [s for s in rows if s.id not in position]
+            index = [position.get(s.id) for s in rows]
+            carried = mx.concatenate([previous.tokens.astype(mx.uint32), mx.array([s.next_input for s in joined], dtype=mx.uint32)])
+            fresh = iter(range(len(previous.rows), len(previous.rows) + len(joined)))
+            index = [i if i is not None else next(fresh) for i in index]
+            inputs = carried if index == list(range(carried.size)) else carried[mx.array(index)]
+        logits = self.model(inputs[:, None], cache=self.cache, mask=self.cache[0].mask())[:, -1, :]
         ended = {}
         if any(s.matcher is not None for s in rows):
             from .constrain import mask_batch
@@ -276,10 +310,17 @@ class BatchEngine:
             mx.async_eval(logits)  # the model runs while the CPU computes the constrained rows' masks
             logits, ended = mask_batch([s.matcher for s in rows], logits)
         tokens, logprobs = self._next_tokens(rows, logits)
-        mx.eval(tokens, logprobs)
+        mx.async_eval(tokens, logprobs)
+        return _Step(rows, tokens, logprobs, ended)
 
+    def _hand_out(self, step: "_Step") -> List[Event]:
+        """A computed step's tokens to the rows still decoding: text, stops and finishes; finished rows leave."""
+        live = {s.id for s in self.decoding}
         events, leaving = [], []
-        for i, (seq, token, row_logprobs) in enumerate(zip(rows, tokens.tolist(), logprobs)):
+        ended = dict(step.ended)
+        for i, (seq, token) in enumerate(zip(step.rows, step.tokens.tolist())):
+            if seq.id not in live:  # cancelled, or finished a step earlier: this token was computed in vain
+                continue
             if seq.matcher is not None and i not in ended:
                 ended.update(_follow(seq, token, i))
             if i in ended:  # the constraint is complete (no end-of-sequence token to say so) or failed
@@ -293,7 +334,7 @@ class BatchEngine:
             if seq.processors:
                 seq.history.append(token)
             for piece in seq.text.add(token):
-                events.append(seq.event(logprobs=row_logprobs if piece.token is not None else None, **_closing(piece)))
+                events.append(seq.event(logprobs=step.logprobs[i] if piece.token is not None else None, **_closing(piece)))
             if seq.text.finish_reason is not None:
                 leaving.append(seq)
         if leaving:
@@ -301,18 +342,19 @@ class BatchEngine:
         return events
 
     @staticmethod
-    def _next_tokens(rows: List[_Sequence], logits: mx.array) -> Tuple[mx.array, List[mx.array]]:
-        """Tokens (B,) and each row's log-probabilities (vocab,): its processors over its own history, its
-        sampler with its own key. Vectorized where that changes nothing: one argmax when all rows are greedy."""
+    def _next_tokens(rows: List[_Sequence], logits: mx.array) -> Tuple[mx.array, Union[mx.array, List[mx.array]]]:
+        """Tokens (B,) and the rows' log-probabilities (B, vocab), or a list of (vocab,) when rows differ in dtype: each row's processors over its own history,
+        its sampler with its own key. Vectorized where that changes nothing: one argmax when all rows are greedy."""
         if any(s.processors for s in rows):  # row by row: a penalised row turns float32, the others keep their dtype
             per_row = [_log_softmax(_processed(s, logits[i : i + 1])) for i, s in enumerate(rows)]
+            logprobs = [row[0] for row in per_row]
         else:
             logprobs = _log_softmax(logits)
             if all(s.keys is None for s in rows):
-                return mx.argmax(logprobs, axis=-1), [logprobs[i] for i in range(len(rows))]
+                return mx.argmax(logprobs, axis=-1), logprobs
             per_row = [logprobs[i : i + 1] for i in range(len(rows))]
         tokens = [s.sampler(row, key=next(s.keys) if s.keys is not None else None) for s, row in zip(rows, per_row)]
-        return mx.concatenate(tokens), [row[0] for row in per_row]
+        return mx.concatenate(tokens), logprobs
 
     def _leave(self, leaving: List[_Sequence]) -> None:
         """Drop rows from the batch now; their memory is free (or reused) once the smaller arrays are evaluated."""
@@ -361,6 +403,17 @@ def _follow(seq: _Sequence, token: int, row: int) -> dict:
     except ConstraintError as e:
         return {row: e}
     return {}
+
+
+@dataclass
+class _Step:
+    """A decode step queued for computing: its rows (in the batch's order then), tokens (B,), and
+    log-probabilities, row i's at logprobs[i]."""
+
+    rows: List[_Sequence]
+    tokens: mx.array
+    logprobs: Union[mx.array, List[mx.array]]
+    ended: Dict[int, Any]  # rows whose constraint ended before this token (None) or failed (the error)
 
 
 def _log_softmax(logits: mx.array) -> mx.array:

@@ -316,8 +316,11 @@ class BatchKVCache(_Stored):
         self._offset = None
         return self.keys[..., : self.size, :], self.values[..., : self.size, :]
 
-    def mask(self) -> mx.array:
-        """(B, 1, 1, size + 1) booleans for a decode step's attention: each row sees its own columns only."""
+    def mask(self) -> Optional[mx.array]:
+        """(B, 1, 1, size + 1) booleans for a decode step's attention: each row sees its own columns only;
+        None (attend to everything, as a sequence alone does) while no row has padding."""
+        if not any(self.padding):
+            return None
         columns = mx.arange(self.size + 1)
         return (columns[None, :] >= mx.array(self.padding)[:, None])[:, None, None, :]
 

@@ -10,7 +10,7 @@ goes, prefill included (a step prefills at most one chunk).
 
 import queue
 import time
-from typing import Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..batching import BatchEngine, Event, Request
 from ..cache import PromptStore
@@ -38,6 +38,7 @@ class BatchedEngine(Engine):
         self.max_batch = max_batch
         self.batch = self._new_batch(model, tokenizer, prefill_step_size)
         self.running: Dict[int, Job] = {}  # BatchEngine id -> the job it serves
+        self.outbox: List[Tuple[Job, Any]] = []  # a step's responses, handed over together
         super().__init__(model, tokenizer, name, aliases, prefill_step_size)
 
     # Engine's constructor starts the worker thread on _serve.
@@ -52,6 +53,7 @@ class BatchedEngine(Engine):
                 continue
             for event in events:
                 self._deliver(event)
+            self._hand_over()
 
     def _new_batch(self, model, tokenizer, prefill_step_size: int) -> BatchEngine:
         return BatchEngine(model, tokenizer, max_batch=self.max_batch, prefill_step_size=prefill_step_size, prompt_cache=self.store)
@@ -85,9 +87,9 @@ class BatchedEngine(Engine):
             return
         finished = event.finish_reason is not None
         if event.finish_reason == "error":  # its constraint could not be followed: this client's error only
-            job.emit(ConstraintError(event.error or "the constraint could not be followed"))
+            self.outbox.append((job, ConstraintError(event.error or "the constraint could not be followed")))
         elif event.prefilled is None and event.finish_reason != "cancelled" and not job.cancelled.is_set():
-            job.emit(self._response(job, event))
+            self.outbox.append((job, self._response(job, event)))
         if finished:
             del self.running[event.id]
             self.finished.append(
@@ -100,7 +102,20 @@ class BatchedEngine(Engine):
                     "finished_at": time.monotonic(),
                 }
             )
-            job.emit(None)
+            self.outbox.append((job, None))
+
+    def _hand_over(self) -> None:
+        """The step's responses to their clients: one wake-up of each event loop per step, not one per token."""
+        by_loop: Dict[Any, list] = {}
+        for job, item in self.outbox:
+            if job.inbox is None:
+                job.emit(item)
+            else:
+                loop, put = job.inbox
+                by_loop.setdefault(loop, []).append((put, item))
+        self.outbox = []
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     @staticmethod
     def _response(job: Job, event: Event) -> GenerationResponse:
@@ -121,6 +136,7 @@ class BatchedEngine(Engine):
         )
 
     def _fail_all(self, error: Exception) -> None:
+        self._hand_over()
         for job in self.running.values():
             job.emit(error)
             job.emit(None)
@@ -143,3 +159,8 @@ class BatchedEngine(Engine):
             "prompt_cache_bytes": self.store.nbytes,
             "prompt_cache_entries": len(self.store),
         }
+
+
+def _put_all(items: list) -> None:
+    for put, item in items:
+        put(item)

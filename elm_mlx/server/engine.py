@@ -37,6 +37,7 @@ class Job:
     speculative: Optional[dict] = None  # stream_generate's speculative keywords; None: the server's default; {}: plain
     constraint: Any = None  # an elm_mlx.constrain Matcher: the answer follows a JSON schema, regex or grammar
     emit: Any = None  # called from the worker thread with each GenerationResponse, then None
+    inbox: Any = None  # (event loop, put): where emit puts them, for a worker that hands over many at once
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -136,6 +137,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue = asyncio.Queue()
         job.emit = lambda item: loop.call_soon_threadsafe(inbox.put_nowait, item)
+        job.inbox = (loop, inbox.put_nowait)
         self.jobs.put(job)
         try:
             while True:
