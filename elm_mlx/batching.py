@@ -235,15 +235,10 @@ class BatchEngine:
 
     def _prefill(self) -> List[Event]:
         """Prefill in submission order, whole chunks only, until prefill_step_size tokens are spent this step."""
-        events, spent = [], 0
+        events, spent = self._prefill_together()
         for seq in list(self.prefilling):
-            if seq.cache is None:  # looked up now, not at submission: earlier requests may have stored it since
-                if self.store is not None:
-                    seq.cache, seq.cached = self.store.cache_for(self.model, seq.prompt_ids, limit=seq.prefill_end)
-                    seq.prefilled = seq.cached
-                else:
-                    seq.cache = make_cache(self.model)
-                seq.prompt = mx.array(seq.prompt_ids, dtype=mx.uint32)
+            if seq.cache is None:
+                self._look_up(seq)
             while seq.prefilled < seq.prefill_end:
                 chunk = min(self.prefill_step_size, seq.prefill_end - seq.prefilled)
                 if spent and spent + chunk > self.prefill_step_size:
@@ -253,6 +248,61 @@ class BatchEngine:
                 events.append(seq.event(prefilled=seq.prefilled))
             self._join(seq)
         return events
+
+    def _look_up(self, seq: _Sequence) -> None:
+        """Give a sequence about to prefill its own cache, holding the longest prefix the store has of its prompt
+        (looked up now, not at submission: earlier requests may have stored it since)."""
+        if self.store is not None:
+            seq.cache, seq.cached = self.store.cache_for(self.model, seq.prompt_ids, limit=seq.prefill_end)
+            seq.prefilled = seq.cached
+        else:
+            seq.cache = make_cache(self.model)
+        seq.prompt = mx.array(seq.prompt_ids, dtype=mx.uint32)
+
+    def _prefill_together(self) -> Tuple[List[Event], int]:
+        """Prefill several new short prompts in one padded forward pass, instead of one pass each.
+
+        Those whose whole prompt (less its last token) is one chunk and owes
+        nothing to the prompt store, in submission order while the padded
+        batch holds at most prefill_step_size tokens. Each row is right-aligned
+        with its own rotary positions and attends to its own columns only (a
+        padding query attends to itself, so nothing is NaN), as in decoding;
+        then each row becomes a cache of its own and joins as usual.
+        Returns the events and the (padded) tokens spent.
+        """
+        group: List[_Sequence] = []
+        for seq in self.prefilling:
+            if seq.cache is not None:
+                continue
+            self._look_up(seq)
+            length = seq.prefill_end - seq.prefilled
+            if seq.cached or not 0 < length <= self.prefill_step_size:
+                continue
+            width = max([length] + [s.prefill_end for s in group])
+            if width * (len(group) + 1) > self.prefill_step_size:
+                break
+            group.append(seq)
+        if len(group) < 2:
+            return [], 0
+        width = max(s.prefill_end for s in group)
+        padding = [width - s.prefill_end for s in group]
+        tokens = mx.array([[0] * p + s.prompt_ids[: s.prefill_end] for s, p in zip(group, padding)], dtype=mx.uint32)
+        cache = [BatchKVCache() for _ in self.model.layers]
+        for layer in cache:
+            layer.padding = list(padding)
+        rows, columns = mx.arange(width)[:, None], mx.arange(width)[None, :]
+        own = (columns[None] >= mx.array(padding)[:, None, None]) | (columns == rows)[None]
+        self.model(tokens, cache=cache, mask=((columns <= rows)[None] & own)[:, None])
+        mx.eval([c.state for c in cache])
+        events = []
+        for b, seq in enumerate(group):
+            seq.cache = make_cache(self.model)
+            for own_layer, layer in zip(seq.cache, cache):
+                own_layer.update_and_fetch(*layer.row(b))
+            seq.prefilled = seq.prefill_end
+            events.append(seq.event(prefilled=seq.prefilled))
+            self._join(seq)
+        return events, width * len(group)
 
     def _join(self, seq: _Sequence) -> None:
         """A prefilled sequence becomes the last row of the batch; its own cache is freed (or stored)."""

@@ -82,6 +82,31 @@ def test_eight_prompts_decoded_together_equal_each_alone(demo):
         assert result.generation_tokens == len(tokens) and result.prompt_tokens >= 1
 
 
+class CountingModel:
+    """The model, noting the shape of every input it is given."""
+
+    def __init__(self, model):
+        self.model, self.inputs = model, []
+
+    def __call__(self, tokens, **kwargs):
+        self.inputs.append(tokens.shape)
+        return self.model(tokens, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def test_short_prompts_prefill_together_in_one_pass_and_equal_each_alone(demo):
+    model, tokenizer = demo
+    expected = [alone(model, tokenizer, p, max_tokens=12, sampling=GREEDY)[1] for p in PROMPTS]
+    counting = CountingModel(model)
+    results = batch_generate(counting, tokenizer, PROMPTS, max_tokens=12, sampling=GREEDY)
+    assert [r.tokens for r in results] == expected
+    prefills = [shape for shape in counting.inputs if shape[1] > 1]
+    to_prefill = [len(tokenizer.encode(p)) - 1 for p in PROMPTS]  # the last prompt token is the first decode input
+    assert prefills == [(sum(n > 0 for n in to_prefill), max(to_prefill))]  # all in one padded pass
+
+
 def test_more_prompts_than_slots_wait_their_turn(demo):
     model, tokenizer = demo
     expected = [alone(model, tokenizer, p, max_tokens=8, sampling=GREEDY)[1] for p in PROMPTS[:5]]
