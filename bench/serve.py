@@ -5,9 +5,11 @@ python -m bench serve --shape openelm-270M             # random weights of the 2
 python -m bench serve --model DIR --concurrency 1 8    # a model directory of yours
 python -m bench serve --quick                          # a smoke test: 16 tokens, 1 and 2 streams, our servers only
 
-Each server runs alone, as a subprocess on a free port: (a) elm_mlx.server --max-batch N, (b) elm_mlx.server
---max-batch 1, (c) mlx_lm.server on the same directory (skipped, with a note, if it is absent or does not start).
-At each concurrency, that many greedy streaming /v1/completions requests start together (distinct prompts, the
+Each server is a subprocess on a free port: (a) elm_mlx.server --max-batch N, (b) elm_mlx.server --max-batch 1,
+(c) mlx_lm.server on the same directory (skipped, with a note, if it is absent or does not start). All are started
+first; then, trial by trial and level by level, each server is measured in turn while the others idle, so a busy
+spell on a shared machine falls on all of them alike ("ours/mlx-lm paired" is the median of each trial's ratio,
+runs minutes apart never divided). At each concurrency, that many greedy streaming /v1/completions requests start together (distinct prompts, the
 same ones for every server); the bench records each request's time to first token, its tokens (usage) and the
 time of its last chunk. Aggregate tok/s is all streams' completion tokens over the wall time from the first request
 sent to the last stream done (prefill included). While our batched server runs, /health is sampled for the KV bytes
@@ -21,6 +23,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -97,8 +100,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--trials",
         type=int_at_least(1, 100),
-        help="runs of each concurrency per server, the levels interleaved; the run with the median aggregate tok/s is reported "
-        "(default: 1)",
+        help="runs of each concurrency per server, trials, levels and servers interleaved; the run with the median aggregate "
+        "tok/s is reported, and with 2 or more the median of each trial's ours/mlx-lm ratio (default: 1)",
     )
     p.add_argument("--max-batch", type=int_at_least(2, 256), default=8, help="--max-batch of our batched server (default: %(default)s)")
     p.add_argument("--no-peer", action="store_true", help="skip mlx_lm.server (default: run it when mlx-lm is installed)")
@@ -530,12 +533,20 @@ def ratios(rows: List[dict], concurrency: List[int]) -> List[dict]:
                 return row.get("aggregate_tps")
         return None
 
+    def trials(server, n):
+        for row in rows:
+            if row["server"] == server and row["concurrency"] == n:
+                return row.get("aggregate_tps_trials") or []
+        return []
+
     out = []
     for n in concurrency:
         entry = {"concurrency": n}
         for name, a, b in (("batched/serial", "batched", "serial"), ("ours/mlx-lm", "batched", "mlx-lm")):
             x, y = rate(a, n), rate(b, n)
             entry[name] = x / y if x and y else None
+        paired = [x / y for x, y in zip(trials("batched", n), trials("mlx-lm", n)) if x and y]
+        entry["ours/mlx-lm paired"] = statistics.median(paired) if len(paired) > 1 else None
         for server in ("batched", "serial", "mlx-lm"):
             x, single = rate(server, n), rate(server, 1)
             entry[f"{server} vs 1 stream"] = x / single if x and single else None
@@ -709,8 +720,8 @@ def main(argv=None) -> None:
             logs.mkdir()
             servers = server_plan(args, directory, ports or [free_port() for _ in range(3)], logs)
             labels = {s.key: s.label for s in servers}
-            rows, skipped = [], []
-            for server in servers:
+            rows, skipped, ready = [], [], []
+            for server in servers:  # all started first, so that each level's trial runs on every server back to back
                 log(f"starting {server.label} on port {server.port} ...")
                 try:
                     started = time.perf_counter()
@@ -736,9 +747,12 @@ def main(argv=None) -> None:
                 if not quick:  # every batch size once, untimed
                     run_streams(server.port, [prompts.next() for _ in range(max(concurrency))], 8, args.request_timeout)
                 log(f"{server.label} ready in {time.perf_counter() - started:.1f} s (warm-up included)")
-                runs = {n: [] for n in concurrency}
-                for trial in range(trials):  # the levels interleaved, so that a busy spell on a shared machine spreads over all
-                    for n in concurrency:
+                ready.append((server, prompts, {n: [] for n in concurrency}))
+            # Trials, levels and servers interleaved: a busy spell on a shared machine spreads over all of them,
+            # and each trial's runs of one level on the servers are neighbours in time (the paired ratios).
+            for trial in range(trials):
+                for n in concurrency:
+                    for server, prompts, runs in ready:
                         load = _load()
                         records, samples = run_streams(
                             server.port, [prompts.next() for _ in range(n)], max_tokens, args.request_timeout, health=server.key != "mlx-lm"
@@ -750,11 +764,12 @@ def main(argv=None) -> None:
                             raise ElmError(
                                 f"{server.label}: {run['error_count']} of {run['requests']} requests at {n} streams failed: {run['errors'][0]}"
                             )
+            for server, _, runs in ready:
                 for n in concurrency:
                     clean = [r for r in runs[n] if not r["error_count"]] or runs[n]  # a run with failures only if all had some
                     ordered = sorted(clean, key=lambda r: r.get("aggregate_tps") or 0)
                     row = {"server": server.key, "label": server.label, "concurrency": n, **ordered[(len(ordered) - 1) // 2]}
-                    row["aggregate_tps_trials"] = [r.get("aggregate_tps") for r in runs[n]]
+                    row["aggregate_tps_trials"] = [r.get("aggregate_tps") if not r["error_count"] else None for r in runs[n]]
                     row["failed_requests_all_trials"] = sum(r["error_count"] for r in runs[n])
                     rows.append(row)
                 server.stop()
@@ -786,7 +801,9 @@ def main(argv=None) -> None:
                 "Aggregate tok/s: all completion tokens over the wall time from the first request to the last stream done. "
                 "Per-stream tok/s: a stream's tokens after its first over the time between its first and last chunk. "
                 "KV MB/stream and padding: /health sampled during the run (our batched server). "
-                "Load: the 1-minute load average when the run began (the CPU may be shared).\n\n"
+                "Load: the 1-minute load average when the run began (the CPU may be shared). "
+                "Servers, levels and trials interleaved; ours/mlx-lm paired: the median over trials of the ratio of "
+                "runs made one after the other.\n\n"
                 f"{table(rows, labels, markdown=True)}\n\n{ratio_table(entries, markdown=True)}\n\n"
                 f"Load average (1, 5, 15 min) at the end: {results['load_average']}.{notes}\n"
             )
