@@ -208,10 +208,16 @@ class BatchEngine:
     # ---- one step -------------------------------------------------------
 
     def step(self) -> List[Event]:
-        """Cancel, admit, prefill at most prefill_step_size prompt tokens, then decode one token for every joined sequence."""
+        """Cancel, admit, prefill at most prefill_step_size prompt tokens, then decode one token for every joined sequence.
+
+        Decode steps are pipelined (see _decode): a step returns the tokens of the one before. When prompts wait to
+        be prefilled, a step only hands out the tokens already computing, and the prefill comes at the next step."""
         events = self._apply_cancellations()
         while self.waiting and self.active < self.max_batch:
             self.prefilling.append(self.waiting.pop(0))
+        if self._pending is not None and self.prefilling:  # tokens already computing go out before a prefill delays them
+            previous, self._pending = self._pending, None
+            return events + self._hand_out(previous)
         events += self._prefill()
         if self.decoding:
             events += self._decode()
@@ -416,6 +422,8 @@ class BatchEngine:
                     self.store.store(seq.fed(row[0][0].shape[2]), row)
         rows = [i for i, s in enumerate(self.decoding) if s.id not in gone]
         self.decoding = [self.decoding[i] for i in rows]
+        if not self.decoding:
+            self._pending = None  # a step queued for rows that have all left: nothing in it is wanted
         for layer in self.cache:
             layer.keep(rows)
         mx.eval([c.state for c in self.cache])
