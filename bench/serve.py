@@ -625,7 +625,6 @@ def plot(path: Path, rows: List[dict], labels: dict, title: str) -> None:
             continue
         xs = [n for n, _ in points]
         axes[0].plot(xs, [r["aggregate_tps"] for _, r in points], marker=marker, label=labels[server])
-        axes[0].set_ylim(bottom=0)
         axes[1].plot(xs, [r["ttft_median_s"] for _, r in points], marker=marker, label=labels[server])
     for ax, what in zip(axes, ["aggregate tokens / s", "median time to first token (s)"]):
         ax.set_xlabel("concurrent streams")
@@ -633,6 +632,7 @@ def plot(path: Path, rows: List[dict], labels: dict, title: str) -> None:
         ax.set_xticks(sorted({r["concurrency"] for r in rows}))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    axes[0].set_ylim(bottom=0)  # once all lines are drawn: set inside the loop it froze the top at the first line's
     axes[0].set_title("aggregate decode throughput")
     axes[1].set_title("time to first token")
     fig.suptitle(title, fontsize=8)
