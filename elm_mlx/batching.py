@@ -269,7 +269,8 @@ class BatchEngine:
         """Prefill several new short prompts in one padded forward pass, instead of one pass each.
 
         Those whose whole prompt (less its last token) is one chunk and owes
-        nothing to the prompt store, in submission order while the padded
+        nothing to the prompt store nor shares SHARED_PREFIX tokens with one
+        taken before it, in submission order while the padded
         batch holds at most prefill_step_size tokens. Each row is right-aligned
         with its own rotary positions and attends to its own columns only (a
         padding query attends to itself, so nothing is NaN), as in decoding;
@@ -280,6 +281,8 @@ class BatchEngine:
         for seq in self.prefilling:
             if seq.cache is not None:
                 continue
+            if self.store is not None and any(_common(seq, s) >= SHARED_PREFIX for s in group):
+                continue  # it reuses that member's prompt once stored (this step, alone): a shared system prompt computed once
             self._look_up(seq)
             length = seq.prefill_end - seq.prefilled
             if seq.cached or not 0 < length <= self.prefill_step_size:
@@ -472,6 +475,19 @@ class _Step:
     tokens: mx.array
     logprobs: Union[mx.array, List[mx.array]]
     ended: Dict[int, Any]  # rows whose constraint ended before this token (None) or failed (the error)
+
+
+SHARED_PREFIX = 16  # prompt tokens two new prompts must share for the second to wait for the first's stored keys
+
+
+def _common(a: _Sequence, b: _Sequence) -> int:
+    """How many prompt tokens (of those to prefill) two sequences share from the start."""
+    n = 0
+    for x, y in zip(a.prompt_ids[: a.prefill_end], b.prompt_ids[: b.prefill_end]):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _log_softmax(logits: mx.array) -> mx.array:

@@ -11,7 +11,7 @@ import pytest
 from conftest import TINY_VOCAB, random_weights, write_model_dir
 from elm_mlx import ElmError, SamplingParams, batch_generate, load, stream_generate
 from elm_mlx.batching import BatchEngine, Request
-from elm_mlx.cache import BatchKVCache, KVCache
+from elm_mlx.cache import BatchKVCache, KVCache, PromptStore
 from elm_mlx.demo import DEMO_DIR
 from elm_mlx.generation import ContextLengthError, GenerationResponse, format_stats
 
@@ -105,6 +105,18 @@ def test_short_prompts_prefill_together_in_one_pass_and_equal_each_alone(demo):
     prefills = [shape for shape in counting.inputs if shape[1] > 1]
     to_prefill = [len(tokenizer.encode(p)) - 1 for p in PROMPTS]  # the last prompt token is the first decode input
     assert prefills == [(sum(n > 0 for n in to_prefill), max(to_prefill))]  # all in one padded pass
+
+
+def test_prompts_arriving_together_with_one_preamble_compute_it_once(demo):
+    model, tokenizer = demo
+    preamble = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+    prompts = [preamble + name for name in ("ROMEO:", "JULIET:", "KING HENRY:")] + ["To be, or not to be"]
+    expected = [alone(model, tokenizer, p, max_tokens=8, sampling=GREEDY)[1] for p in prompts]
+    results = batch_generate(model, tokenizer, prompts, max_tokens=8, sampling=GREEDY, prompt_cache=PromptStore(1 << 30))
+    assert [r.tokens for r in results] == expected
+    shared = len(tokenizer.encode(preamble))
+    assert results[0].cached_tokens == 0 and results[3].cached_tokens == 0
+    assert all(shared - 2 <= r.cached_tokens < r.prompt_tokens for r in results[1:3]), [r.cached_tokens for r in results]
 
 
 def test_more_prompts_than_slots_wait_their_turn(demo):
