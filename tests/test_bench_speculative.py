@@ -104,3 +104,7 @@ def test_expected_speedup_arithmetic():
     target, draft = costs(**{"1": 10.0, "3": 14.0}), costs(**{"1": 2.0})
     # 1.75 tokens for 2 draft steps (4) and a 3-token verify (14), against 10 a token plainly: 17.5 / 18.
     assert spec.expected_speedup(0.5, 2, target, draft) == pytest.approx(17.5 / 18)
+    # Compiled verify and draft steps, against plain decoding's 1-token step (10), not the compiled one (20).
+    target["compiled"] = {"1": {"median": 20.0}, "3": {"median": 12.0}}
+    draft["compiled"] = {"1": {"median": 1.0}}
+    assert spec.expected_speedup(0.5, 2, target, draft, "compiled") == pytest.approx(17.5 / 14)
