@@ -312,35 +312,17 @@ def _stream(model, tokenizer, prompt_ids, reused, fed, max_tokens, sampling, sto
         steps = constrained_step(prompt_ids[reused:], model, matcher, sampler, processors, **step_args)
     else:
         steps = generate_step(prompt_ids[reused:], model, sampler, processors, **step_args)
-    mx.reset_peak_memory()
-    start = time.perf_counter()
-    first_token_time = None
+    timing = Timing(len(prompt_ids), reused)
     text = TextStream(tokenizer, stop, max_tokens)
 
     def response(piece: Piece, logprobs=None) -> GenerationResponse:
-        now = time.perf_counter()
-        prefill = (first_token_time or now) - start
-        decode = now - first_token_time if first_token_time else 0.0
-        n = text.generated
-        return GenerationResponse(
-            text=piece.text,
-            token=piece.token,
-            logprobs=logprobs if piece.token is not None else None,
-            prompt_tokens=len(prompt_ids),
-            prompt_tps=(len(prompt_ids) - reused) / prefill if prefill > 0 else 0.0,
-            generation_tokens=n,
-            # The first token comes out of the prefill; decode speed counts the rest.
-            generation_tps=(n - 1) / decode if n > 1 and decode > 0 else 0.0,
-            peak_memory_gb=mx.get_peak_memory() / 1e9,
-            finish_reason=piece.finish_reason,
-            prompt_cached_tokens=reused,
-        )
+        # The first token comes out of the prefill; decode speed counts the rest.
+        return timing.response(piece, logprobs, text.generated, text.generated - 1)
 
     try:
         for token, logprobs in steps:
             fed.append(token)
-            if first_token_time is None:
-                first_token_time = time.perf_counter()
+            timing.first_token()
             for piece in text.add(token):
                 yield response(piece, logprobs)
             if text.finish_reason is not None:
@@ -348,6 +330,44 @@ def _stream(model, tokenizer, prompt_ids, reused, fed, max_tokens, sampling, sto
         yield response(text.close("stop"))  # a constraint complete with no end-of-sequence token to say so
     finally:
         steps.close()
+
+
+class Timing:
+    """One generation's clock (from here, with the peak memory reset) and the GenerationResponses it reports.
+
+    Shared by plain and speculative decoding, so both count prompt and decode speeds alike: the prefill runs until
+    the first token; decode speed counts the tokens after it (`decoded`: those after the first model pass's).
+    """
+
+    def __init__(self, prompt_tokens: int, reused: int):
+        self.prompt_tokens, self.reused = prompt_tokens, reused
+        mx.reset_peak_memory()
+        self.start = time.perf_counter()
+        self.first_token_time: Optional[float] = None
+
+    def first_token(self) -> None:
+        """Note the time the first token came out (later calls change nothing)."""
+        if self.first_token_time is None:
+            self.first_token_time = time.perf_counter()
+
+    def response(self, piece: Piece, logprobs, generated: int, decoded: int, **speculation) -> GenerationResponse:
+        """The response for `piece`, `generated` tokens so far; `speculation`: GenerationResponse's draft counts."""
+        now = time.perf_counter()
+        prefill = (self.first_token_time or now) - self.start
+        decode = now - self.first_token_time if self.first_token_time else 0.0
+        return GenerationResponse(
+            text=piece.text,
+            token=piece.token,
+            logprobs=logprobs if piece.token is not None else None,
+            prompt_tokens=self.prompt_tokens,
+            prompt_tps=(self.prompt_tokens - self.reused) / prefill if prefill > 0 else 0.0,
+            generation_tokens=generated,
+            generation_tps=decoded / decode if decoded > 0 and decode > 0 else 0.0,
+            peak_memory_gb=mx.get_peak_memory() / 1e9,
+            finish_reason=piece.finish_reason,
+            prompt_cached_tokens=self.reused,
+            **speculation,
+        )
 
 
 def generate(

@@ -20,7 +20,6 @@ ever later positions, so no test reuses randomness, and a seeded run is
 reproducible.
 """
 
-import time
 import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, Union
@@ -31,7 +30,7 @@ import numpy as np
 
 from .cache import KVCache, PromptCache, QuantizedKVCache, make_cache
 from .errors import ElmError
-from .generation import Cancelled, GenerationResponse, Piece, TextStream, prefill_chunk
+from .generation import Cancelled, GenerationResponse, Piece, TextStream, Timing, prefill_chunk
 from .sample import SamplingParams, key_stream, make_logits_processors, sampling_logits
 from .tokenizer import Tokenizer
 
@@ -386,8 +385,7 @@ def speculative_stream(
 
     With the model's `prompt_cache`, the draft model keeps a cache beside it (draft_prompt_cache)."""
     check_cache(cache)
-    mx.reset_peak_memory()
-    start = time.perf_counter()
+    timing = Timing(len(prompt_ids), reused)
 
     tokens = mx.array(prompt_ids, dtype=mx.uint32)
     done, end = reused, len(prompt_ids) - 1
@@ -407,29 +405,13 @@ def speculative_stream(
             drafter.prefill(prompt_ids, prefill_step_size, cancel)
         text = TextStream(tokenizer, stop, max_tokens)
         emitted = drafted = accepted_total = passes = first_pass_tokens = 0
-        first_token_time = None
         k_now = spec.k
 
         def response(piece: Piece, logprobs=None) -> GenerationResponse:
-            now = time.perf_counter()
-            prefill = (first_token_time or now) - start
-            decode = now - first_token_time if first_token_time else 0.0
-            later = emitted - first_pass_tokens  # the first pass's tokens come with the prefill; decode speed counts the rest
-            return GenerationResponse(
-                text=piece.text,
-                token=piece.token,
-                logprobs=logprobs if piece.token is not None else None,
-                prompt_tokens=len(prompt_ids),
-                prompt_tps=(len(prompt_ids) - reused) / prefill if prefill > 0 else 0.0,
-                generation_tokens=text.generated,
-                generation_tps=later / decode if later > 0 and decode > 0 else 0.0,
-                peak_memory_gb=mx.get_peak_memory() / 1e9,
-                finish_reason=piece.finish_reason,
-                prompt_cached_tokens=reused,
-                draft_tokens=drafted,
-                accepted_tokens=accepted_total,
-                target_passes=passes,
-            )
+            # The first pass's tokens come with the prefill; decode speed counts the rest.
+            decoded = emitted - first_pass_tokens
+            counts = dict(draft_tokens=drafted, accepted_tokens=accepted_total, target_passes=passes)
+            return timing.response(piece, logprobs, text.generated, decoded, **counts)
 
         while True:
             k = max(0, min(k_now, max_tokens - emitted - 1))
@@ -468,8 +450,8 @@ def speculative_stream(
             passes += 1
             drafted += k
             accepted_total += accepted
-            if first_token_time is None:
-                first_token_time = time.perf_counter()
+            if timing.first_token_time is None:
+                timing.first_token()
                 first_pass_tokens = len(new)
             for j, token in enumerate(new):
                 fed.append(token)
