@@ -35,6 +35,18 @@ KINDS = ("json_schema", "json_object", "regex", "grammar")
 # object may override these (llguidance's own extension).
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 MAX_SOURCE_CHARS = 1 << 20  # a constraint's text; the server's body limit is also 1 MiB
+# llguidance's fuel for building a constraint's lexer (the regexes of its lexemes) before the first mask; its default
+# (1_000_000) lets a counted repetition like a{1000}{1000}{1000} take 2-5 s and +250 MB in its first mask; 400_000
+# bounds that to ~0.3 s and +90 MB (2 shared cores). It also caps a constraint's size: what needs more is refused
+# ("grammar too big", "too many expressions") instead of computed.
+INITIAL_LEXER_FUEL = 400_000
+
+
+def parser_limits():
+    """llguidance's resource limits for every matcher (its defaults, but the lexer's initial fuel; see INITIAL_LEXER_FUEL)."""
+    import llguidance as llg
+
+    return llg.LLParserLimits(initial_lexer_fuel=INITIAL_LEXER_FUEL, verbose_errors=False)
 
 
 class ConstraintError(ElmError):
@@ -78,16 +90,22 @@ class Constraint:
                 source = _json_text(source, "the JSON schema")
             if not isinstance(source, (dict, bool)):
                 raise ConstraintError("a JSON schema must be a JSON object")
-            if isinstance(source, bool):  # JSON Schema allows true (anything) and false (nothing)
-                source = {} if source else {"not": {}}
+            if source is False:  # JSON Schema's schema that nothing validates against
+                raise ConstraintError("the JSON schema false cannot match any text")
+            if source is True:  # anything
+                source = {}
             try:
                 return llg.LLMatcher.grammar_from_json_schema(source, defaults=JSON_LAYOUT)
-            except (ValueError, TypeError) as e:
-                raise ConstraintError(f"invalid JSON schema: {e}") from None
+            except (ValueError, TypeError) as e:  # its message may quote the whole schema: one line, cut short
+                raise ConstraintError(f"invalid JSON schema: {_compiler_message([str(e)])}") from None
         if not isinstance(source, str) or not source:
             raise ConstraintError(f"a {self.kind} constraint must be a non-empty string")
         if len(source) > MAX_SOURCE_CHARS:
             raise ConstraintError(f"the {self.kind} is over {MAX_SOURCE_CHARS} characters")
+        try:  # a lone surrogate (JSON "\ud800", or undecodable bytes on a command line) is no text llguidance can take
+            source.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ConstraintError(f"the {self.kind} is not valid Unicode text (a lone surrogate at character {e.start})") from None
         if self.kind == "regex":
             return llg.LLMatcher.grammar_from_regex(source)
         return llg.LLMatcher.grammar_from_lark(source)
@@ -269,7 +287,7 @@ def check_constraint(constraint: Constraint, tokenizer_description=None) -> str:
     if not isinstance(constraint, Constraint):
         raise ConstraintError(f"expected a Constraint, got {type(constraint).__name__}")
     grammar = constraint.llguidance_grammar()
-    is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer_description)
+    is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer_description, limits=parser_limits())
     if is_error:
         raise ConstraintError(f"invalid {_what(constraint)}: {_compiler_message(messages)}")
     return grammar
@@ -282,9 +300,13 @@ def compile_constraint(constraint: Constraint, tokenizer: Tokenizer, n_vocab: Op
     """
     import llguidance as llg
 
+    if not isinstance(constraint, Constraint):
+        raise ConstraintError(f"expected a Constraint, got {type(constraint).__name__}")
     lt = ll_tokenizer(tokenizer, n_vocab)
-    grammar = check_constraint(constraint, lt)
-    matcher = Matcher(llg.LLMatcher(lt, grammar, log_level=0), lt.vocab_size, sorted(tokenizer.eos_ids), lt.eos_token)
+    grammar = constraint.llguidance_grammar()  # checked by the matcher's own compile (validating first would compile it twice)
+    matcher = Matcher(
+        llg.LLMatcher(lt, grammar, log_level=0, limits=parser_limits()), lt.vocab_size, sorted(tokenizer.eos_ids), lt.eos_token
+    )
     if matcher._m.is_error():
         raise ConstraintError(f"invalid {_what(constraint)}: {_compiler_message([matcher._m.get_error()])}")
     try:

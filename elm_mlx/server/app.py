@@ -14,7 +14,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from ..constrain import ConstraintError, compile_constraint, model_vocab
+from ..constrain import ConstraintError, model_vocab
 from ..generation import GenerationResponse
 from .engine import Engine, Job
 from .origins import OriginGuard, WebPolicy
@@ -32,7 +32,7 @@ from .schemas import (
     typed,
 )
 from .structured import PARAM as RESPONSE_FORMAT
-from .structured import parse_response_format
+from .structured import compile_for_request, parse_response_format
 from .web import page_routes
 
 BODY_TIMEOUT_S = 30.0  # a body that trickles in slower than this is dropped (408)
@@ -263,10 +263,7 @@ def make_app(engine: Engine, max_tokens_limit: int = 4096, limits: Optional[Limi
 
 def _compiled(constraint, engine: Engine):
     """The request's constraint compiled for the served model (a fresh matcher for its one sequence)."""
-    try:
-        return compile_constraint(constraint, engine.tokenizer, model_vocab(engine.model))
-    except ConstraintError as e:
-        raise RequestError(str(e), param=RESPONSE_FORMAT) from None
+    return compile_for_request(constraint, engine.tokenizer, model_vocab(engine.model))
 
 
 def _sse(data: dict) -> str:
