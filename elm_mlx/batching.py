@@ -67,7 +67,7 @@ class Request:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: Sequence[str] = ()
     seed: Optional[int] = None
-    constraint: Any = None  # elm_mlx.constrain.Constraint (or a compiled Matcher): JSON schema, regex, grammar
+    constraint: Any = None  # elm_mlx.constrain.Constraint (or a compiled Matcher, for this request only): JSON schema, regex, grammar
 
 
 @dataclass
@@ -540,7 +540,7 @@ def batch_generate(
     `sampling` is one SamplingParams for all or one per prompt; `seeds` one
     seed (or None) per prompt; `prompt_cache` a PromptStore to reuse and fill;
     `constraint` one elm_mlx.constrain.Constraint for all or one (or None) per
-    prompt. Every request is checked before any work.
+    prompt (a compiled Matcher serves one prompt only). Every request is checked before any work.
     """
     if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
         raise ElmError("prompts must be a list of prompts (strings or lists of token ids)")

@@ -71,6 +71,11 @@ class ChatSession:
     ):
         self.model, self.tokenizer = model, tokenizer
         self.speculative = speculative or {}  # stream_generate's speculative keywords (options.speculative_from_args)
+        if constraint is not None:
+            from .constrain import Matcher
+
+            if isinstance(constraint, Matcher):  # a compiled Matcher follows one answer; every turn compiles its own
+                raise ElmError("a compiled Matcher serves one sequence; pass the Constraint")
         self.constraint = constraint  # an elm_mlx.constrain.Constraint every answer follows (a fresh matcher each turn), or None
         self.prompt_cache = PromptCache(model, kv)  # a rotating window that dropped tokens recomputes an edited history
         self.context_length = context_length(model)

@@ -230,6 +230,7 @@ class Matcher:
 
     def __init__(self, matcher, n_vocab: int, eos_ids: Sequence[int], stand_in_eos: Optional[int] = None):
         self._m, self.n_vocab, self.eos_ids = matcher, n_vocab, set(eos_ids)
+        self.claimed = False  # set when a sequence takes it (matcher_for): its state is that sequence's alone
         self.words = (n_vocab + 31) // 32
         # llguidance always has an end token; for a tokenizer without one it picks a token of its own, never to be drawn
         self._stand_in = stand_in_eos if stand_in_eos is not None and stand_in_eos not in self.eos_ids else None
@@ -329,10 +330,20 @@ def model_vocab(model: nn.Module) -> Optional[int]:
 
 
 def matcher_for(constraint: Union[Constraint, Matcher], tokenizer: Tokenizer, model: nn.Module) -> Matcher:
-    """A Matcher as it is (compiled earlier, e.g. by the server), or a Constraint compiled for this model."""
+    """The matcher one sequence follows: a Constraint compiled for this model, or a Matcher compiled earlier (the server's).
+
+    A Matcher is that one sequence's position in its constraint, so it serves
+    once: a second claim (the same Matcher for two prompts, or two calls)
+    raises ElmError rather than letting two sequences advance one state.
+    """
     if isinstance(constraint, Matcher):
-        return constraint
-    return compile_constraint(constraint, tokenizer, model_vocab(model))
+        if constraint.claimed:
+            raise ElmError("a compiled Matcher serves one sequence; pass the Constraint")
+        matcher = constraint
+    else:
+        matcher = compile_constraint(constraint, tokenizer, model_vocab(model))
+    matcher.claimed = True
+    return matcher
 
 
 def _compiler_message(messages: List[str]) -> str:

@@ -265,7 +265,7 @@ def stream_generate(
     `prompt_lookup` (K or a speculative.PromptLookup) or `draft_model` (with
     `num_draft_tokens`, `adaptive_draft`) decode speculatively: the same text
     greedy, the same distribution sampling (see elm_mlx.speculative).
-    `constraint` (elm_mlx.constrain.Constraint, or a compiled Matcher) makes
+    `constraint` (elm_mlx.constrain.Constraint, or a compiled Matcher, which serves one call) makes
     the text follow a JSON schema, regex or grammar; a bad one raises
     ConstraintError before any work. The two do not combine (yet).
     """

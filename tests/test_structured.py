@@ -292,6 +292,24 @@ def test_a_failing_matcher_ends_only_its_own_sequence(demo):
     assert ends[ok].finish_reason == "stop" and "".join(e.text for e in events if e.id == ok) in ("yes!", "no!")
 
 
+def test_a_compiled_matcher_serves_one_sequence(demo):
+    """A Matcher is one sequence's state: two prompts (or a second call) sharing it would both fail; it is refused instead."""
+    from elm_mlx.chat import ChatSession
+
+    model, tokenizer = demo
+    shared = compile_constraint(Constraint.regex("(yes|no)!"), tokenizer)
+    with pytest.raises(ElmError, match="serves one sequence; pass the Constraint"):
+        batch_generate(model, tokenizer, [PROMPT, "JULIET:"], 20, HOT, seeds=[1, 2], constraint=shared)
+
+    once = compile_constraint(Constraint.regex("(yes|no)!"), tokenizer)
+    pieces = list(stream_generate(model, tokenizer, PROMPT, 20, HOT, seed=1, constraint=once))
+    assert pieces[-1].finish_reason == "stop" and "".join(p.text for p in pieces) in ("yes!", "no!")
+    with pytest.raises(ElmError, match="serves one sequence; pass the Constraint"):
+        list(stream_generate(model, tokenizer, PROMPT, 20, HOT, seed=2, constraint=once))
+    with pytest.raises(ElmError, match="serves one sequence; pass the Constraint"):
+        ChatSession(model, tokenizer, constraint=compile_constraint(Constraint.regex("a+"), tokenizer))
+
+
 def test_constraints_and_speculative_decoding_are_refused_together(demo):
     model, tokenizer = demo
     with pytest.raises(ElmError, match="does not combine with speculative decoding"):
