@@ -184,7 +184,9 @@ class _Description:
         eos = sorted(tokenizer.eos_ids)
         self.eos_token_id = eos[0] if eos else None
         self.bos_token_id = tokenizer.bos_id
-        self._tokenizer, self._table, self._greedy = tokenizer, table, _Greedy(table, specials)
+        # A weak reference: the cache (_LL_TOKENIZERS) keys on the tokenizer weakly and holds this description, so a
+        # strong one would keep every tokenizer that ever compiled a constraint alive for good.
+        self._tokenizer, self._table, self._greedy = weakref.ref(tokenizer), table, _Greedy(table, specials)
 
     def _spells(self, ids: List[int], data: bytes) -> bool:
         return b"".join(self._table[i] for i in ids) == data
@@ -195,10 +197,13 @@ class _Description:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
             return self._greedy(data)
-        ids = self._tokenizer._encode_text(text)
+        tokenizer = self._tokenizer()
+        if tokenizer is None:  # gone (its cache entry goes with it); longest-match needs only the table
+            return self._greedy(data)
+        ids = tokenizer._encode_text(text)
         if self._spells(ids, data):
             return ids
-        ids = self._tokenizer._encode_text("\n" + text)
+        ids = tokenizer._encode_text("\n" + text)
         spelled = b""
         for k, token in enumerate(ids):
             spelled += self._table[token]

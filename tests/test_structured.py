@@ -310,6 +310,25 @@ def test_a_compiled_matcher_serves_one_sequence(demo):
         ChatSession(model, tokenizer, constraint=compile_constraint(Constraint.regex("a+"), tokenizer))
 
 
+def test_compiling_a_constraint_does_not_keep_its_tokenizer_alive(demo):
+    """The llguidance tokenizer cache is keyed weakly on the tokenizer; what it holds must not hold the tokenizer back."""
+    import gc
+    import weakref
+
+    from elm_mlx.demo import DEMO_DIR
+    from elm_mlx.tokenizer import load_tokenizer
+
+    model, _ = demo
+    tokenizer = load_tokenizer(DEMO_DIR)
+    matcher = compile_constraint(Constraint.json_schema(SCHEMAS["optional_fields"]), tokenizer)
+    pieces = list(stream_generate(model, tokenizer, PROMPT, 40, HOT, seed=3, constraint=matcher))
+    valid_json("".join(p.text for p in pieces), SCHEMAS["optional_fields"])
+    alive = weakref.ref(tokenizer)
+    del tokenizer, matcher, pieces
+    gc.collect()
+    assert alive() is None
+
+
 def test_constraints_and_speculative_decoding_are_refused_together(demo):
     model, tokenizer = demo
     with pytest.raises(ElmError, match="does not combine with speculative decoding"):
