@@ -529,6 +529,35 @@ def test_server_bad_response_format_is_400_and_it_keeps_serving(client, response
     assert finish == "stop" and text in ("yes", "no")
 
 
+@pytest.mark.parametrize("regex", ["(x{1000}){1000}", "a{1000}{1000}{1000}"])
+def test_server_constraint_failing_mid_answer_is_the_clients_error(server, regex):
+    """These compile, then llguidance's lexer gives up after the first token: a 400 unstreamed, an in-band
+    invalid_request_error on response_format streamed (not "internal error"/server_error), on both engines."""
+    import urllib.error
+    import urllib.request
+
+    def post(body):
+        request = urllib.request.Request(f"{server[1]}/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20, "response_format": {"type": "regex", "regex": regex}}
+    status, text = post(body)
+    assert status == 400, text
+    error = json.loads(text)["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == "response_format"
+    assert "too many expressions" in error["message"] and "internal error" not in error["message"]
+    status, text = post({**body, "stream": True})
+    events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+    assert status == 200 and "[DONE]" not in events, text
+    error = json.loads(events[-1])["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == "response_format"
+    assert "too many expressions" in error["message"] and "internal error" not in error["message"]
+
+
 def test_server_refuses_response_format_with_prompt_lookup(server, client):
     openai = pytest.importorskip("openai")
     with pytest.raises(openai.BadRequestError) as e:

@@ -234,7 +234,7 @@ def make_app(engine: Engine, max_tokens_limit: int = 4096, limits: Optional[Limi
     async def on_http_error(request: Request, exc: HTTPException):
         return error_response(exc.detail, exc.status_code, "not_found_error" if exc.status_code == 404 else "invalid_request_error")
 
-    async def on_constraint_error(request: Request, exc: ConstraintError):  # the matcher failed mid-answer
+    async def on_constraint_error(request: Request, exc: ConstraintError):  # the matcher failed mid-answer: 400, no partial text
         return error_response(str(exc), 400, param=RESPONSE_FORMAT)
 
     async def on_disconnect(request: Request, exc: ClientDisconnect):
@@ -271,7 +271,16 @@ def _sse(data: dict) -> str:
 
 
 async def _events(engine: Engine, job: Job, fmt: Formatter, include_usage: bool):
-    """Server-sent events: a first chunk naming the role (chat), text chunks, a finish chunk, [DONE]."""
+    """Server-sent events: a first chunk naming the role (chat), text chunks, a finish chunk, [DONE].
+
+    A constraint that the matcher cannot follow mid-answer (llguidance's limits:
+    a counted repetition like (x{1000}){1000} compiles, then its lexer gives up
+    after the first token) is the client's error, as it is unstreamed (a 400,
+    on_constraint_error): after the chunks already sent comes one error event,
+    invalid_request_error with param response_format and the constraint's
+    message, and no [DONE]. Both engines report it so (the batched one's
+    finish_reason "error" becomes the same ConstraintError).
+    """
     first = True
     last = None
     try:
@@ -281,6 +290,9 @@ async def _events(engine: Engine, job: Job, fmt: Formatter, include_usage: bool)
                 continue  # nothing to say yet (a held-back stop prefix or a partial character)
             yield _sse(fmt.envelope([fmt.choice(r.text, r.finish_reason, [r], delta=True, first=first)], chunk=True))
             first = False
+    except ConstraintError as e:  # the client's constraint failed mid-answer: its error, in-band (headers are sent)
+        yield _sse({"error": {"message": str(e), "type": "invalid_request_error", "param": RESPONSE_FORMAT, "code": None}})
+        return
     except Exception as e:  # headers are sent: report in-band, as OpenAI does
         yield _sse({"error": {"message": f"internal error: {type(e).__name__}: {e}", "type": "server_error", "param": None, "code": None}})
         return
