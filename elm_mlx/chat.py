@@ -317,7 +317,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     constraint = constraint_from_args(args)  # every refusal before the (slow) model load
     model_name, model, tokenizer = load_from_args(args, verbose=args.verbose)
     speculative = speculative_from_args(args, model, tokenizer, verbose=args.verbose)
-    if constraint is not None:  # what needs the tokenizer (a regex no token sequence spells) refused once, before the first turn
+    if constraint is not None:  # what needs the tokenizer refused before the first turn; the turns copy this compile
         from .constrain import matcher_for
 
         matcher_for(constraint, tokenizer, model)

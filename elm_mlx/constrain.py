@@ -17,7 +17,9 @@ complete constraint ends the answer with "stop"; max_tokens may cut it first
 
 import json
 import re
+import threading
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -125,6 +127,12 @@ def _json_text(text: str, what: str) -> Any:
 # --------------------------------------------------------------------------
 
 _LL_TOKENIZERS: "weakref.WeakKeyDictionary[Tokenizer, Dict[int, Any]]" = weakref.WeakKeyDictionary()
+# Compiled constraints, untouched, per tokenizer: (n_vocab, grammar text) -> llguidance matcher, the most recent
+# COMPILED_KEPT. A sequence gets a copy (deep_copy takes ~10 ms where compiling a large schema takes seconds), so a
+# constraint used for several prompts, chat turns, or checked and then used, is compiled once.
+_COMPILED: "weakref.WeakKeyDictionary[Tokenizer, OrderedDict]" = weakref.WeakKeyDictionary()
+_COMPILED_LOCK = threading.Lock()
+COMPILED_KEPT = 4
 
 
 def _special_ids(tokenizer: Tokenizer, n_vocab: int) -> Dict[int, str]:
@@ -303,25 +311,42 @@ def compile_constraint(constraint: Constraint, tokenizer: Tokenizer, n_vocab: Op
     """A fresh matcher for `constraint`, or ConstraintError with the compiler's message in one line.
 
     A constraint that cannot match any text (a regex no string satisfies) is refused here, not mid-answer.
+    A constraint compiled before for this tokenizer (see _COMPILED) is copied, not compiled again.
     """
-    import llguidance as llg
-
     if not isinstance(constraint, Constraint):
         raise ConstraintError(f"expected a Constraint, got {type(constraint).__name__}")
     lt = ll_tokenizer(tokenizer, n_vocab)
     grammar = constraint.llguidance_grammar()  # checked by the matcher's own compile (validating first would compile it twice)
-    matcher = Matcher(
-        llg.LLMatcher(lt, grammar, log_level=0, limits=parser_limits()), lt.vocab_size, sorted(tokenizer.eos_ids), lt.eos_token
-    )
-    if matcher._m.is_error():
-        raise ConstraintError(f"invalid {_what(constraint)}: {_compiler_message([matcher._m.get_error()])}")
+    key = (lt.vocab_size, grammar)
+    with _COMPILED_LOCK:
+        kept = _COMPILED.setdefault(tokenizer, OrderedDict())
+        template = kept.get(key)
+        if template is not None:
+            kept.move_to_end(key)
+    if template is not None:
+        return Matcher(template.deep_copy(), lt.vocab_size, sorted(tokenizer.eos_ids), lt.eos_token)
+    template = _ll_matcher(lt, grammar)
+    if template.is_error():
+        raise ConstraintError(f"invalid {_what(constraint)}: {_compiler_message([template.get_error()])}")
+    matcher = Matcher(template.deep_copy(), lt.vocab_size, sorted(tokenizer.eos_ids), lt.eos_token)
     try:
         empty = not matcher.mask().any()
     except ConstraintError:
         empty = True
     if empty:
         raise ConstraintError(f"the {_what(constraint)} cannot match any text")
+    with _COMPILED_LOCK:
+        kept[key] = template
+        while len(kept) > COMPILED_KEPT:
+            kept.popitem(last=False)
     return matcher
+
+
+def _ll_matcher(lt, grammar: str):
+    """llguidance's compile (the slow part: seconds for a schema with thousands of properties)."""
+    import llguidance as llg
+
+    return llg.LLMatcher(lt, grammar, log_level=0, limits=parser_limits())
 
 
 def _what(constraint: Constraint) -> str:

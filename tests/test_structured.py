@@ -329,6 +329,22 @@ def test_compiling_a_constraint_does_not_keep_its_tokenizer_alive(demo):
     assert alive() is None
 
 
+def test_a_constraint_is_compiled_once_for_many_sequences(demo, monkeypatch):
+    """Several prompts, chat turns or calls under one Constraint compile it once; each sequence follows its own copy."""
+    from elm_mlx import constrain
+
+    model, tokenizer = demo
+    compiles = []
+    real = constrain._ll_matcher
+    monkeypatch.setattr(constrain, "_ll_matcher", lambda *a: compiles.append(1) or real(*a))
+    constraint = Constraint.regex("(yes|no|maybe)! [a-z]{2,6}")  # a pattern no other test compiles
+    results = batch_generate(model, tokenizer, [PROMPT, "JULIET:", "KING:"], 30, HOT, seeds=[1, 2, 3], constraint=constraint)
+    alone = [list(stream_generate(model, tokenizer, PROMPT, 30, HOT, seed=s, constraint=constraint)) for s in (1, 2)]
+    assert len(compiles) == 1
+    assert all(r.finish_reason == "stop" and re.fullmatch(constraint.source, r.text) for r in results)
+    assert "".join(p.text for p in alone[0]) == results[0].text  # copies start where the template is, not where a sequence left it
+
+
 def test_constraints_and_speculative_decoding_are_refused_together(demo):
     model, tokenizer = demo
     with pytest.raises(ElmError, match="does not combine with speculative decoding"):
