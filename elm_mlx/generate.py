@@ -120,9 +120,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     max_tokens = args.max_tokens if args.max_tokens is not None else answer_budget(len(prompt_ids), DEFAULT_MAX_TOKENS, limit)
     check_context(len(prompt_ids), max_tokens, limit)  # one line, before any work
     if constraint is not None:  # compiled (and refused in one line) before any model work
-        from .constrain import matcher_for
+        from .constrain import compile_constraint, model_vocab
 
-        constraint = matcher_for(constraint, tokenizer, model)
+        constraint = compile_constraint(constraint, tokenizer, model_vocab(model))  # unclaimed: stream_generate takes it
 
     responses = stream_generate(
         model,
