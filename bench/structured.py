@@ -104,11 +104,12 @@ def decode_run(model, tokenizer, constraint, tokens: int, seed: int, overlap: bo
     else:
         matcher = compile_constraint(constraint, tokenizer, model_vocab(model))
         steps = constrained_step(prompt, model, matcher, sampler, keys=keys, overlap=overlap)
-    out, start = [], None
+    out, start, ended = [], None, False
     for token, _ in steps:
         if start is None:
             start, cpu_start = time.perf_counter(), time.process_time()
         if token in tokenizer.eos_ids:
+            ended = True
             break
         out.append(token)
         if len(out) >= tokens:
@@ -116,7 +117,9 @@ def decode_run(model, tokenizer, constraint, tokens: int, seed: int, overlap: bo
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     steps.close()
     mx.clear_cache()
-    n = len(out) - 1
+    # Timed steps: every token after the first, and the end token's step when the answer ended (a constraint
+    # that completes early ends with one); counting it keeps a short run's rate comparable with a full one.
+    n = len(out) - 1 + (ended and len(out) > 0)
     return {
         "tokens": len(out),
         "tps": n / elapsed if n > 0 and elapsed > 0 else None,
