@@ -128,8 +128,11 @@ def _json_text(text: str, what: str) -> Any:
 
 _LL_TOKENIZERS: "weakref.WeakKeyDictionary[Tokenizer, Dict[int, Any]]" = weakref.WeakKeyDictionary()
 # Compiled constraints, untouched, per tokenizer: (n_vocab, grammar text) -> llguidance matcher, the most recent
-# COMPILED_KEPT. A sequence gets a copy (deep_copy takes ~10 ms where compiling a large schema takes seconds), so a
-# constraint used for several prompts, chat turns, or checked and then used, is compiled once.
+# COMPILED_KEPT, for matcher_for (the API and the commands; never the server, whose clients must not share). A
+# sequence gets a copy (deep_copy takes ~10 ms where compiling a large schema takes seconds), so a constraint used for
+# several prompts, chat turns, or checked and then used, is compiled once. The copies share llguidance's lexer: its
+# states are built once for all of them, and so are its limits, so a constraint at the edge of them (a{1000}{1000})
+# that one sequence exhausted is refused on a later use too.
 _COMPILED: "weakref.WeakKeyDictionary[Tokenizer, OrderedDict]" = weakref.WeakKeyDictionary()
 _COMPILED_LOCK = threading.Lock()
 COMPILED_KEPT = 4
@@ -307,11 +310,11 @@ def check_constraint(constraint: Constraint, tokenizer_description=None) -> str:
     return grammar
 
 
-def compile_constraint(constraint: Constraint, tokenizer: Tokenizer, n_vocab: Optional[int] = None) -> Matcher:
+def compile_constraint(constraint: Constraint, tokenizer: Tokenizer, n_vocab: Optional[int] = None, reuse: bool = False) -> Matcher:
     """A fresh matcher for `constraint`, or ConstraintError with the compiler's message in one line.
 
     A constraint that cannot match any text (a regex no string satisfies) is refused here, not mid-answer.
-    A constraint compiled before for this tokenizer (see _COMPILED) is copied, not compiled again.
+    With `reuse`, one compiled before for this tokenizer (see _COMPILED) is copied, not compiled again.
     """
     if not isinstance(constraint, Constraint):
         raise ConstraintError(f"expected a Constraint, got {type(constraint).__name__}")
@@ -319,7 +322,7 @@ def compile_constraint(constraint: Constraint, tokenizer: Tokenizer, n_vocab: Op
     grammar = constraint.llguidance_grammar()  # checked by the matcher's own compile (validating first would compile it twice)
     key = (lt.vocab_size, grammar)
     with _COMPILED_LOCK:
-        kept = _COMPILED.setdefault(tokenizer, OrderedDict())
+        kept = _COMPILED.setdefault(tokenizer, OrderedDict()) if reuse else OrderedDict()
         template = kept.get(key)
         if template is not None:
             kept.move_to_end(key)
@@ -328,17 +331,18 @@ def compile_constraint(constraint: Constraint, tokenizer: Tokenizer, n_vocab: Op
     template = _ll_matcher(lt, grammar)
     if template.is_error():
         raise ConstraintError(f"invalid {_what(constraint)}: {_compiler_message([template.get_error()])}")
-    matcher = Matcher(template.deep_copy(), lt.vocab_size, sorted(tokenizer.eos_ids), lt.eos_token)
+    matcher = Matcher(template.deep_copy() if reuse else template, lt.vocab_size, sorted(tokenizer.eos_ids), lt.eos_token)
     try:
         empty = not matcher.mask().any()
     except ConstraintError:
         empty = True
     if empty:
         raise ConstraintError(f"the {_what(constraint)} cannot match any text")
-    with _COMPILED_LOCK:
-        kept[key] = template
-        while len(kept) > COMPILED_KEPT:
-            kept.popitem(last=False)
+    if reuse:
+        with _COMPILED_LOCK:
+            kept[key] = template
+            while len(kept) > COMPILED_KEPT:
+                kept.popitem(last=False)
     return matcher
 
 
@@ -371,7 +375,7 @@ def matcher_for(constraint: Union[Constraint, Matcher], tokenizer: Tokenizer, mo
             raise ElmError("a compiled Matcher serves one sequence; pass the Constraint")
         matcher = constraint
     else:
-        matcher = compile_constraint(constraint, tokenizer, model_vocab(model))
+        matcher = compile_constraint(constraint, tokenizer, model_vocab(model), reuse=True)
     matcher.claimed = True
     return matcher
 

@@ -122,7 +122,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if constraint is not None:  # compiled (and refused in one line) before any model work
         from .constrain import compile_constraint, model_vocab
 
-        constraint = compile_constraint(constraint, tokenizer, model_vocab(model))  # unclaimed: stream_generate takes it
+        constraint = compile_constraint(constraint, tokenizer, model_vocab(model))  # once, unclaimed: stream_generate takes it
 
     responses = stream_generate(
         model,
