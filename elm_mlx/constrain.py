@@ -447,7 +447,7 @@ def constrained_step(
     mask (the benchmark's baseline for what the overlap buys).
     """
     from .cache import make_cache
-    from .generation import Cancelled, prefill_chunk
+    from .generation import prefill_prompt
 
     cache = cache if cache is not None else make_cache(model)
     tokens = mx.array(prompt, dtype=mx.uint32)
@@ -472,11 +472,7 @@ def constrained_step(
             history = mx.concatenate([history, token.astype(mx.uint32)])
         return token, logprobs.squeeze(0)
 
-    done, end = 0, tokens.size - 1
-    while done < end:
-        if cancel is not None and cancel():
-            raise Cancelled(done, tokens.size)
-        done = prefill_chunk(model, tokens, cache, done, end, prefill_step_size)
+    end = prefill_prompt(model, tokens, cache, prefill_step_size, cancel)
 
     logits = forward(tokens[end:])
     mx.async_eval(logits)

@@ -74,6 +74,20 @@ def prefill_chunk(model: nn.Module, tokens: mx.array, cache: list, start: int, e
     return start + n
 
 
+def prefill_prompt(model: nn.Module, tokens: mx.array, cache: list, step_size: int, cancel: Optional[Callable[[], bool]] = None) -> int:
+    """Run all but the last of `tokens` into `cache`, chunk by chunk; return the last token's index.
+
+    The last token is left to the caller's first decoding step, which needs its
+    logits. `cancel` is asked between chunks: raises Cancelled when it returns true.
+    """
+    done, end = 0, tokens.size - 1
+    while done < end:
+        if cancel is not None and cancel():
+            raise Cancelled(done, tokens.size)
+        done = prefill_chunk(model, tokens, cache, done, end, step_size)
+    return end
+
+
 def generate_step(
     prompt: Sequence[int],
     model: nn.Module,
@@ -110,11 +124,7 @@ def generate_step(
             history = mx.concatenate([history, token.astype(mx.uint32)])
         return token, logprobs.squeeze(0)
 
-    done, end = 0, tokens.size - 1
-    while done < end:
-        if cancel is not None and cancel():
-            raise Cancelled(done, tokens.size)
-        done = prefill_chunk(model, tokens, cache, done, end, prefill_step_size)
+    end = prefill_prompt(model, tokens, cache, prefill_step_size, cancel)
 
     token, logprobs = step(tokens[end:])
     mx.async_eval(token, logprobs)
