@@ -1,14 +1,21 @@
 """Fixtures: tiny OpenELM configs, model directories and tokenizers made by the tests themselves."""
 
+import os  # noqa: I001
+
+# OpenBLAS 0.3.21 (Debian 12's) can deadlock inside a threaded sgemm when two threads multiply at once, and
+# MLX gives every Python thread its own stream: the tests run server workers beside the main thread, and one
+# full run hung in exec_blas that way. One BLAS thread per caller has no thread server to deadlock in. It must
+# be set before OpenBLAS loads; subprocesses inherit it. See README, "OpenBLAS on Linux".
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 # elm_mlx must be imported before mlx anywhere: it loads OpenBLAS in place of the
 # wheel's reference BLAS, which only works before mlx is loaded (the split keeps
 # the import sorter from moving it).
-import elm_mlx  # noqa: F401, I001
+import elm_mlx  # noqa: F401, E402, I001
 
 # isort: split
 import io
 import json
-import os
 import random
 from pathlib import Path
 
