@@ -283,9 +283,11 @@ class BatchEngine:
                 continue
             if self.store is not None and any(_common(seq, s) >= SHARED_PREFIX for s in group):
                 continue  # it reuses that member's prompt once stored (this step, alone): a shared system prompt computed once
+            if not 0 < seq.prefill_end <= self.prefill_step_size:
+                continue  # a chunked prompt looks the store up just before its own prefill (earlier ones may store first)
             self._look_up(seq)
             length = seq.prefill_end - seq.prefilled
-            if seq.cached or not 0 < length <= self.prefill_step_size:
+            if seq.cached:
                 continue
             width = max([length] + [s.prefill_end for s in group])
             if width * (len(group) + 1) > self.prefill_step_size:
