@@ -111,6 +111,27 @@ def _training_text(lines: int = 3000) -> list:
 
 
 @pytest.fixture(scope="session")
+def olmo(tmp_path_factory, tiny_sp_model):
+    """A tiny OLMo (random weights) with the tiny SentencePiece tokenizer; a test module may define its own."""
+    from elm_mlx.load import load
+
+    config = {
+        "model_type": "olmo",
+        "vocab_size": TINY_VOCAB,
+        "hidden_size": 64,
+        "intermediate_size": 176,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": True,
+        "eos_token_id": 2,
+    }
+    path = write_model_dir(tmp_path_factory.mktemp("olmo") / "olmo-tiny", config, random_weights(config, seed=3), tiny_sp_model)
+    return load(str(path), verbose=False)
+
+
+@pytest.fixture(scope="session")
 def tiny_sp_model() -> bytes:
     """A SentencePiece BPE model with byte fallback, trained here (no download, no ../shared)."""
     import sentencepiece as spm

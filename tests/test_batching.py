@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import TINY_VOCAB, random_weights, write_model_dir
+from conftest import TINY_VOCAB
 from elm_mlx import ElmError, SamplingParams, batch_generate, load, stream_generate
 from elm_mlx.batching import BatchEngine, Request
 from elm_mlx.cache import BatchKVCache, KVCache, PromptStore
@@ -29,24 +29,6 @@ PROMPTS = [
     "JULIET:\nO Romeo, Romeo!",
     "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him.",
 ]
-
-
-@pytest.fixture(scope="module")
-def olmo(tmp_path_factory, tiny_sp_model):
-    config = {
-        "model_type": "olmo",
-        "vocab_size": TINY_VOCAB,
-        "hidden_size": 64,
-        "intermediate_size": 176,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 512,
-        "tie_word_embeddings": True,
-        "eos_token_id": 2,
-    }
-    path = write_model_dir(tmp_path_factory.mktemp("olmo") / "olmo-tiny", config, random_weights(config, seed=3), tiny_sp_model)
-    return load(str(path))
 
 
 def alone(model, tokenizer, prompt, **kwargs):

@@ -8,30 +8,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import TINY_VOCAB, random_weights, write_model_dir
+from conftest import TINY_VOCAB
 from elm_mlx.cache import KVCache
 from elm_mlx.compiled import CompiledStep, StaticCache, generate_greedy
 from elm_mlx.errors import ElmError
 from elm_mlx.generation import generate_step
-from elm_mlx.load import load
-
-
-@pytest.fixture(scope="module")
-def olmo(tmp_path_factory, tiny_sp_model):
-    config = {
-        "model_type": "olmo",
-        "vocab_size": TINY_VOCAB,
-        "hidden_size": 64,
-        "intermediate_size": 176,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 512,
-        "tie_word_embeddings": True,
-        "eos_token_id": 2,
-    }
-    path = write_model_dir(tmp_path_factory.mktemp("olmo") / "olmo-tiny", config, random_weights(config, seed=3), tiny_sp_model)
-    return load(str(path), verbose=False)
 
 
 def plain_greedy(model, prompt, n):
