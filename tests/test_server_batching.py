@@ -247,3 +247,36 @@ def test_values_at_the_edges_through_the_batching_worker(demo, fields, status):
 
     body = json.loads(reply.text, parse_constant=refuse)
     assert ("choices" in body) == (status == 200) and ("error" in body) == (status == 400)
+
+
+def _first_step_sizes(demo, gather_gap: float, gather_limit: float = 5.0, n: int = 6) -> list:
+    """Put n jobs 5 ms apart into an idle batching worker; how many were waiting when its first step began."""
+    from elm_mlx.sample import SamplingParams
+    from elm_mlx.server.engine import Job
+
+    model, tokenizer = demo
+    engine = BatchedEngine(model, tokenizer, "demo", max_batch=8, prefill_step_size=512)
+    engine.gather_gap, engine.gather_limit = gather_gap, gather_limit
+    seen, step = [], engine.batch.step
+
+    def spy():
+        if not seen:
+            seen.append(len(engine.batch.waiting))
+        return step()
+
+    engine.batch.step = spy
+    done = threading.Semaphore(0)
+    for i in range(n):
+        ids = tokenizer.encode(PROMPTS[i])
+        engine.jobs.put(Job(ids, 4, SamplingParams(temp=0.0), [], None, 0, emit=lambda item: item is None and done.release()))
+        time.sleep(0.005)
+    for _ in range(n):
+        assert done.acquire(timeout=60)
+    return seen
+
+
+def test_requests_sent_together_to_an_idle_server_are_prefilled_together(demo):
+    # An idle worker that took the first arrival at once would prefill it alone and make the others wait for it.
+    assert _first_step_sizes(demo, gather_gap=0.2) == [6]
+    assert _first_step_sizes(demo, gather_gap=0.0)[0] < 6  # without the window the first one starts alone
+    assert _first_step_sizes(demo, gather_gap=0.2, gather_limit=0.012)[0] < 6  # nor once the window has closed

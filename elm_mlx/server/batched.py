@@ -20,6 +20,10 @@ from ..generation import GenerationResponse
 from .engine import Engine, Job, top_logprobs
 
 
+GATHER_GAP = 0.002  # seconds: an idle worker waits this long for each next arrival ...
+GATHER_LIMIT = 0.02  # ... and this long in all, before its first prefill
+
+
 class BatchedEngine(Engine):
     """Continuous batching for the server: up to `max_batch` requests decode together, the rest queue."""
 
@@ -36,6 +40,7 @@ class BatchedEngine(Engine):
         # Prefixes of earlier requests (a shared system prompt, a conversation resent with each turn) are reused.
         self.store = PromptStore(prompt_cache_bytes)
         self.max_batch = max_batch
+        self.gather_gap, self.gather_limit = GATHER_GAP, GATHER_LIMIT
         self.batch = self._new_batch(model, tokenizer, prefill_step_size)
         self.running: Dict[int, Job] = {}  # BatchEngine id -> the job it serves
         self.outbox: List[Tuple[Job, Any]] = []  # a step's responses, handed over together
@@ -59,13 +64,29 @@ class BatchedEngine(Engine):
         return BatchEngine(model, tokenizer, max_batch=self.max_batch, prefill_step_size=prefill_step_size, prompt_cache=self.store)
 
     def _admit(self, wait: bool) -> None:
-        """Hand every arrived job to the batch; with nothing running, sleep until one arrives."""
+        """Hand every arrived job to the batch; with nothing running, sleep until one arrives.
+
+        Requests sent together reach the queue a few milliseconds apart (each is
+        parsed and tokenized first). An idle worker that took the first one at
+        once would prefill it alone and make the rest wait for that prefill and
+        a decode step; so after waking it keeps taking arrivals while they come
+        less than GATHER_GAP apart, for at most GATHER_LIMIT, and prefills them
+        together (a lone request pays one GATHER_GAP).
+        """
+        deadline = None
         while True:
             try:
-                job = self.jobs.get(block=wait)
+                if deadline is None:
+                    job = self.jobs.get(block=wait)
+                else:
+                    job = self.jobs.get(timeout=max(0.0, min(self.gather_gap, deadline - time.monotonic())))
             except queue.Empty:
                 return
+            if wait and deadline is None:
+                deadline = time.monotonic() + self.gather_limit
             wait = False
+            if deadline is not None and (len(self.running) + 1 >= self.max_batch or time.monotonic() >= deadline):
+                deadline = None  # the batch is full or the window closed: take what has arrived, wait no more
             if job.cancelled.is_set():
                 job.emit(None)
                 continue
