@@ -19,7 +19,6 @@ from ..errors import ElmError
 from ..generation import GenerationResponse
 from .engine import Engine, Job, top_logprobs
 
-
 GATHER_GAP = 0.002  # seconds: an idle worker waits this long for each next arrival ...
 GATHER_LIMIT = 0.02  # ... and this long in all, before its first prefill
 
