@@ -249,14 +249,16 @@ def test_values_at_the_edges_through_the_batching_worker(demo, fields, status):
     assert ("choices" in body) == (status == 200) and ("error" in body) == (status == 400)
 
 
-def _first_step_sizes(demo, gather_gap: float, gather_limit: float = 5.0, n: int = 6) -> list:
-    """Put n jobs 5 ms apart into an idle batching worker; how many were waiting when its first step began."""
+def _first_step_sizes(demo, step_seconds: float, gather_limit: float = 5.0, n: int = 6) -> list:
+    """Put n jobs 5 ms apart into an idle batching worker; how many were waiting when its first step began.
+
+    (Then the worker measures its own steps: the window is checked before the first one.)"""
     from elm_mlx.sample import SamplingParams
     from elm_mlx.server.engine import Job
 
     model, tokenizer = demo
     engine = BatchedEngine(model, tokenizer, "demo", max_batch=8, prefill_step_size=512)
-    engine.gather_gap, engine.gather_limit = gather_gap, gather_limit
+    engine.step_seconds, engine.gather_limit = step_seconds, gather_limit  # as if it had measured decode steps this slow
     seen, step = [], engine.batch.step
 
     def spy():
@@ -277,6 +279,6 @@ def _first_step_sizes(demo, gather_gap: float, gather_limit: float = 5.0, n: int
 
 def test_requests_sent_together_to_an_idle_server_are_prefilled_together(demo):
     # An idle worker that took the first arrival at once would prefill it alone and make the others wait for it.
-    assert _first_step_sizes(demo, gather_gap=0.2) == [6]
-    assert _first_step_sizes(demo, gather_gap=0.0)[0] < 6  # without the window the first one starts alone
-    assert _first_step_sizes(demo, gather_gap=0.2, gather_limit=0.012)[0] < 6  # nor once the window has closed
+    assert _first_step_sizes(demo, step_seconds=1.0) == [6]  # a window of 0.25 s
+    assert _first_step_sizes(demo, step_seconds=0.0)[0] < 6  # without a window the first one starts alone
+    assert _first_step_sizes(demo, step_seconds=1.0, gather_limit=0.012)[0] < 6  # nor once the window has closed

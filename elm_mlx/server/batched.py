@@ -19,8 +19,8 @@ from ..errors import ElmError
 from ..generation import GenerationResponse
 from .engine import Engine, Job, top_logprobs
 
-GATHER_GAP = 0.002  # seconds: an idle worker waits this long for each next arrival ...
-GATHER_LIMIT = 0.02  # ... and this long in all, before its first prefill
+GATHER_SHARE = 0.25  # of a decode step's time: how long an idle worker waits for more arrivals after the first ...
+GATHER_LIMIT = 0.05  # ... but never more than this many seconds
 
 
 class BatchedEngine(Engine):
@@ -39,7 +39,8 @@ class BatchedEngine(Engine):
         # Prefixes of earlier requests (a shared system prompt, a conversation resent with each turn) are reused.
         self.store = PromptStore(prompt_cache_bytes)
         self.max_batch = max_batch
-        self.gather_gap, self.gather_limit = GATHER_GAP, GATHER_LIMIT
+        self.gather_limit = GATHER_LIMIT
+        self.step_seconds = 0.0  # a decode step's time, measured (a moving average); 0 until the first one
         self.batch = self._new_batch(model, tokenizer, prefill_step_size)
         self.running: Dict[int, Job] = {}  # BatchEngine id -> the job it serves
         self.outbox: List[Tuple[Job, Any]] = []  # a step's responses, handed over together
@@ -50,11 +51,15 @@ class BatchedEngine(Engine):
         while True:
             self._admit(wait=not self.running)
             self._pass_on_cancellations()
+            started = time.monotonic()
             try:
                 events = self.batch.step()
             except Exception as e:  # a bug must not kill the worker: fail the jobs it was serving, start afresh
                 self._fail_all(e)
                 continue
+            if self.batch.decoding and not self.batch.prefilling and not any(e.prefilled is not None for e in events):
+                took = time.monotonic() - started
+                self.step_seconds = took if not self.step_seconds else 0.8 * self.step_seconds + 0.2 * took
             for event in events:
                 self._deliver(event)
             self._hand_over()
@@ -65,12 +70,13 @@ class BatchedEngine(Engine):
     def _admit(self, wait: bool) -> None:
         """Hand every arrived job to the batch; with nothing running, sleep until one arrives.
 
-        Requests sent together reach the queue a few milliseconds apart (each is
+        Requests sent together reach the queue milliseconds apart (each is
         parsed and tokenized first). An idle worker that took the first one at
-        once would prefill it alone and make the rest wait for that prefill and
-        a decode step; so after waking it keeps taking arrivals while they come
-        less than GATHER_GAP apart, for at most GATHER_LIMIT, and prefills them
-        together (a lone request pays one GATHER_GAP).
+        once would prefill it alone, and the others would wait for that prefill
+        and a decode step. So after waking it keeps taking arrivals for a
+        window of GATHER_SHARE of a decode step's measured time (at most
+        GATHER_LIMIT, or until the batch is full) and prefills them together:
+        a lone request pays a fraction of one step, which a prefill exceeds.
         """
         deadline = None
         while True:
@@ -78,14 +84,14 @@ class BatchedEngine(Engine):
                 if deadline is None:
                     job = self.jobs.get(block=wait)
                 else:
-                    job = self.jobs.get(timeout=max(0.0, min(self.gather_gap, deadline - time.monotonic())))
+                    job = self.jobs.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 return
-            if wait and deadline is None:
-                deadline = time.monotonic() + self.gather_limit
+            if wait:
+                deadline = time.monotonic() + min(self.gather_limit, GATHER_SHARE * self.step_seconds)
             wait = False
-            if deadline is not None and (len(self.running) + 1 >= self.max_batch or time.monotonic() >= deadline):
-                deadline = None  # the batch is full or the window closed: take what has arrived, wait no more
+            if deadline is not None and len(self.running) + 1 >= self.max_batch:
+                deadline = None  # the batch is full: take what has arrived, wait no more
             if job.cancelled.is_set():
                 job.emit(None)
                 continue
