@@ -268,13 +268,15 @@ class BatchEngine:
     def _prefill_together(self) -> Tuple[List[Event], int]:
         """Prefill several new short prompts in one padded forward pass, instead of one pass each.
 
-        Those whose whole prompt (less its last token) is one chunk and owes
-        nothing to the prompt store nor shares SHARED_PREFIX tokens with one
-        taken before it, in submission order while the padded
+        Those whose whole prompt (less its last token) is one chunk, of which
+        the prompt store holds less than half, and which share fewer than
+        SHARED_PREFIX tokens with one taken before it, in submission order while the padded
         batch holds at most prefill_step_size tokens. Each row is right-aligned
         with its own rotary positions and attends to its own columns only (a
         padding query attends to itself, so nothing is NaN), as in decoding;
-        then each row becomes a cache of its own and joins as usual.
+        then each row becomes a cache of its own and joins as usual. A stored
+        prefix shorter than that is recomputed in the pass (a pass of its own
+        would read every weight again for a few tokens).
         Returns the events and the (padded) tokens spent.
         """
         group: List[_Sequence] = []
@@ -286,15 +288,17 @@ class BatchEngine:
             if not 0 < seq.prefill_end <= self.prefill_step_size:
                 continue  # a chunked prompt looks the store up just before its own prefill (earlier ones may store first)
             self._look_up(seq)
-            length = seq.prefill_end - seq.prefilled
-            if seq.cached:
-                continue
-            width = max([length] + [s.prefill_end for s in group])
+            if 2 * seq.cached >= seq.prefill_end:
+                continue  # most of it is stored: it prefills only the rest, in a pass of its own
+            width = max([seq.prefill_end] + [s.prefill_end for s in group])
             if width * (len(group) + 1) > self.prefill_step_size:
                 break
             group.append(seq)
         if len(group) < 2:
             return [], 0
+        for seq in group:  # a short stored prefix ("ROMEO:") is recomputed here: cheaper than a pass of its own
+            if seq.cached:
+                seq.cache, seq.cached, seq.prefilled = None, 0, 0
         width = max(s.prefill_end for s in group)
         padding = [width - s.prefill_end for s in group]
         tokens = mx.array([[0] * p + s.prompt_ids[: s.prefill_end] for s, p in zip(group, padding)], dtype=mx.uint32)
