@@ -241,8 +241,10 @@ class BatchEngine:
 
     def _prefill(self) -> List[Event]:
         """Prefill in submission order, whole chunks only, until prefill_step_size tokens are spent this step."""
-        events, spent = self._prefill_together()
+        events, spent, waiting = self._prefill_together()
         for seq in list(self.prefilling):
+            if seq.id in waiting:
+                continue  # next step, with what the one it waits for has stored, and perhaps with others like it
             if seq.cache is None:
                 self._look_up(seq)
             while seq.prefilled < seq.prefill_end:
@@ -265,49 +267,68 @@ class BatchEngine:
             seq.cache = make_cache(self.model)
         seq.prompt = mx.array(seq.prompt_ids, dtype=mx.uint32)
 
-    def _prefill_together(self) -> Tuple[List[Event], int]:
+    def _prefill_together(self) -> Tuple[List[Event], int, Set[int]]:
         """Prefill several new short prompts in one padded forward pass, instead of one pass each.
 
-        Those whose whole prompt (less its last token) is one chunk, of which
-        the prompt store holds less than half, and which share fewer than
-        SHARED_PREFIX tokens with one taken before it, in submission order while the padded
-        batch holds at most prefill_step_size tokens. Each row is right-aligned
-        with its own rotary positions and attends to its own columns only (a
+        Those whose whole prompt (less its last token) is one chunk and which
+        share with none taken before it SHARED_PREFIX or more tokens beyond
+        what the prompt store holds of it (those wait for the other's stored keys), in
+        submission order while the pass computes at most prefill_step_size
+        tokens. The pass is `width` tokens wide: the most any of them has left
+        to compute after the prefix the prompt store holds of it. A row with
+        more than that left starts from its stored prefix cut where its last
+        `width` tokens begin (recomputing what the store held beyond that); a
+        prompt shorter than `width` is left-padded. Each row is right-aligned,
+        with its own rotary positions, and attends to its own columns only (a
         padding query attends to itself, so nothing is NaN), as in decoding;
-        then each row becomes a cache of its own and joins as usual. A stored
-        prefix shorter than that is recomputed in the pass (a pass of its own
-        would read every weight again for a few tokens).
-        Returns the events and the (padded) tokens spent.
+        then each row becomes a cache of its own and joins as usual. So
+        requests sharing a system prompt that is already stored prefill their
+        different endings together, not one pass each.
+        Returns the events, the (padded) tokens spent, and the ids of prompts
+        waiting for another's stored keys (not to be prefilled this step).
         """
         group: List[_Sequence] = []
+        width, waiting = 0, set()
         for seq in self.prefilling:
             if seq.cache is not None:
                 continue
-            if self.store is not None and any(_common(seq, s) >= SHARED_PREFIX for s in group):
-                continue  # it reuses that member's prompt once stored (this step, alone): a shared system prompt computed once
             if not 0 < seq.prefill_end <= self.prefill_step_size:
                 continue  # a chunked prompt looks the store up just before its own prefill (earlier ones may store first)
             self._look_up(seq)
-            if 2 * seq.cached >= seq.prefill_end:
-                continue  # most of it is stored: it prefills only the rest, in a pass of its own
-            width = max([seq.prefill_end] + [s.prefill_end for s in group])
-            if width * (len(group) + 1) > self.prefill_step_size:
+            if self.store is not None and any(_common(seq, s) - seq.cached >= SHARED_PREFIX for s in group):
+                self.store.reused_tokens -= seq.cached
+                seq.cache, seq.cached, seq.prefilled = None, 0, 0  # it waits for that member's stored prompt (looked up
+                waiting.add(seq.id)  # again at the next step): a shared system prompt is computed once
+                continue
+            if seq.cached == seq.prefill_end:
+                continue  # all of it is stored: nothing to compute, it joins as it is
+            wider = max(width, seq.prefill_end - seq.cached)
+            if wider * (len(group) + 1) > self.prefill_step_size:
                 break
             group.append(seq)
+            width = wider
         if len(group) < 2:
-            return [], 0
-        for seq in group:  # a short stored prefix ("ROMEO:") is recomputed here: cheaper than a pass of its own
-            if seq.cached:
-                seq.cache, seq.cached, seq.prefilled = None, 0, 0
-        width = max(s.prefill_end for s in group)
-        padding = [width - s.prefill_end for s in group]
-        tokens = mx.array([[0] * p + s.prompt_ids[: s.prefill_end] for s, p in zip(group, padding)], dtype=mx.uint32)
+            return [], 0, waiting
         cache = [BatchKVCache() for _ in self.model.layers]
+        inputs, short = [], []
+        for seq in group:
+            kept = max(0, seq.prefill_end - width)  # of its stored prefix, what the pass starts from
+            for own_layer, layer in zip(seq.cache, cache):
+                own_layer.trim(own_layer.offset - kept)
+                layer.add(own_layer)
+            if self.store is not None:
+                self.store.reused_tokens -= seq.cached - kept  # it counts what was looked up; this much was used
+            seq.cached = kept
+            inputs.append([0] * (width - seq.prefill_end + kept) + seq.prompt_ids[kept : seq.prefill_end])
+            short.append(width - (seq.prefill_end - kept))  # left padding inside the pass (prompts shorter than it)
+        start = cache[0].size
+        padding = [p + extra for p, extra in zip(cache[0].padding, short)]
         for layer in cache:
             layer.padding = list(padding)
-        rows, columns = mx.arange(width)[:, None], mx.arange(width)[None, :]
+            layer._offset = None
+        rows, columns = start + mx.arange(width)[:, None], mx.arange(start + width)[None, :]
         own = (columns[None] >= mx.array(padding)[:, None, None]) | (columns == rows)[None]
-        self.model(tokens, cache=cache, mask=((columns <= rows)[None] & own)[:, None])
+        self.model(mx.array(inputs, dtype=mx.uint32), cache=cache, mask=((columns <= rows)[None] & own)[:, None])
         mx.eval([c.state for c in cache])
         events = []
         for b, seq in enumerate(group):
@@ -317,7 +338,7 @@ class BatchEngine:
             seq.prefilled = seq.prefill_end
             events.append(seq.event(prefilled=seq.prefilled))
             self._join(seq)
-        return events, width * len(group)
+        return events, width * len(group), waiting
 
     def _join(self, seq: _Sequence) -> None:
         """A prefilled sequence becomes the last row of the batch; its own cache is freed (or stored)."""

@@ -89,22 +89,32 @@ def test_short_prompts_prefill_together_in_one_pass_and_equal_each_alone(demo):
     assert prefills == [(sum(n > 0 for n in to_prefill), max(to_prefill))]  # all in one padded pass
 
 
-def test_prompts_whose_short_start_is_stored_still_prefill_together(demo):
-    # Requests sharing only "ROMEO:" with an earlier one must not each get a pass of their own for the rest.
+def test_prompts_whose_start_is_stored_prefill_together_from_it(demo):
+    # Requests sharing "ROMEO:" with an earlier one: one pass for all, as wide as the longest part not stored, each
+    # row starting from the stored keys up to where its part of that width begins (not one pass each).
     model, tokenizer = demo
     prompts = [f"ROMEO:\n{line}" for line in ("What light through yonder window breaks?", "Is she not fair?", "Come, gentle night.")]
     expected = [alone(model, tokenizer, p, max_tokens=8, sampling=GREEDY)[1] for p in prompts]
     store = PromptStore(1 << 30)
-    batch_generate(model, tokenizer, ["ROMEO:\nGood morrow."], max_tokens=4, sampling=GREEDY, prompt_cache=store)
+    earlier = tokenizer.encode("ROMEO:\nGood morrow.")
+    batch_generate(model, tokenizer, [earlier], max_tokens=4, sampling=GREEDY, prompt_cache=store)
     counting = CountingModel(model)
     results = batch_generate(counting, tokenizer, prompts, max_tokens=8, sampling=GREEDY, prompt_cache=store)
     assert [r.tokens for r in results] == expected
-    to_prefill = [len(tokenizer.encode(p)) - 1 for p in prompts]
-    assert [shape for shape in counting.inputs if shape[1] > 1] == [(3, max(to_prefill))]  # one padded pass from the start
-    assert [r.cached_tokens for r in results] == [0, 0, 0]  # the stored "ROMEO:" was recomputed, so not reported as reused
-    # Where the store holds most of a prompt, the prompt still prefills only the rest.
+    ids = [tokenizer.encode(p) for p in prompts]
+    ends = [len(i) - 1 for i in ids]
+    stored = [next(k for k in range(len(i)) if k == len(earlier) - 1 or i[k] != earlier[k]) for i in ids]
+    assert min(stored) >= 3  # BOS and "ROMEO:" at least
+    width = max(e - c for e, c in zip(ends, stored))
+    assert [shape for shape in counting.inputs if shape[1] > 1] == [(3, width)]
+    assert [r.cached_tokens for r in results] == [max(0, e - width) for e in ends]
+    # Alone, a prompt starts from everything stored of it.
     again = batch_generate(counting, tokenizer, prompts[:1], max_tokens=8, sampling=GREEDY, prompt_cache=store)
-    assert again[0].tokens == expected[0] and again[0].cached_tokens > to_prefill[0] // 2
+    assert again[0].tokens == expected[0] and again[0].cached_tokens == ends[0]
+    # Prompts stored whole need no pass: sent together with others, they join as they are.
+    twice = batch_generate(model, tokenizer, [prompts[0], prompts[0], prompts[1]], max_tokens=8, sampling=GREEDY, prompt_cache=store)
+    assert [r.tokens for r in twice] == [expected[0], expected[0], expected[1]]
+    assert [r.cached_tokens for r in twice] == ends[:1] * 2 + ends[1:2]
 
 
 def test_prompts_arriving_together_with_one_preamble_compute_it_once(demo):

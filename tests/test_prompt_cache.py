@@ -52,19 +52,39 @@ def kv(n: int, layers: int = 2, width: int = 4):
 # ---- the store in the engine ----------------------------------------------------------------
 
 
+class Counting:
+    """The model, noting the shape of every input it is given."""
+
+    def __init__(self, model):
+        self.model, self.inputs = model, []
+
+    def __call__(self, tokens, **kwargs):
+        self.inputs.append(tokens.shape)
+        return self.model(tokens, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
 def test_a_shared_system_prompt_is_computed_once_and_answers_are_unchanged(demo):
     model, tokenizer = demo
     prompts = [SYSTEM + q for q in QUESTIONS]
     plain = batch_generate(model, tokenizer, prompts, max_tokens=24, sampling=GREEDY)
     store = PromptStore(64 << 20)
-    cached = batch_generate(model, tokenizer, prompts, max_tokens=24, sampling=GREEDY, prompt_cache=store)
+    counting = Counting(model)
+    cached = batch_generate(counting, tokenizer, prompts, max_tokens=24, sampling=GREEDY, prompt_cache=store)
     assert [r.tokens for r in cached] == [r.tokens for r in plain]
     ids = [tokenizer.encode(p) for p in prompts]
-    # The first computes the system prompt; each later one reuses its longest prefix among those before it.
-    expected = [0] + [max(min(common_prefix(ids[i], ids[j]), len(ids[i]) - 1) for j in range(i)) for i in range(1, len(ids))]
-    assert [r.cached_tokens for r in cached] == expected
-    assert min(expected[1:]) >= len(tokenizer.encode(SYSTEM)) - 1
-    assert store.reused_tokens == sum(expected)
+    ends = [len(i) - 1 for i in ids]  # what each prefills: all but its last token
+    # The first computes the system prompt alone; the others wait for it, then prefill together in one pass as wide
+    # as the longest of their parts not stored, each starting from the stored keys up to where its part begins.
+    stored = [min(common_prefix(ids[i], ids[0]), ends[i]) for i in range(1, len(ids))]
+    width = max(e - c for e, c in zip(ends[1:], stored))
+    kept = [e - width for e in ends[1:]]
+    assert [shape for shape in counting.inputs if shape[1] > 1] == [(1, ends[0]), (len(ids) - 1, width)]
+    assert [r.cached_tokens for r in cached] == [0] + kept
+    assert min(kept) >= len(tokenizer.encode(SYSTEM)) - width  # the system prompt is computed once, bar `width` tokens
+    assert store.reused_tokens == sum(kept)
 
 
 def test_a_conversation_resent_with_its_answer_reuses_prompt_and_answer(demo):
