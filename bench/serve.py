@@ -123,6 +123,14 @@ def build_parser() -> ArgumentParser:
         default=1800,
         help="seconds one streaming request may take before it counts as failed (default: %(default)s)",
     )
+    p.add_argument(
+        "--shared-prefix",
+        type=int_at_least(0),
+        default=0,
+        metavar="WORDS",
+        help="start the prompts of each burst with one preamble of WORDS words, new to the servers: a system prompt "
+        "sent with the burst (default: %(default)s, none)",
+    )
     p.add_argument("--quick", action="store_true", help="16 tokens, 1 and 2 streams, our two servers only: a smoke test")
     p.add_argument("--out", type=Path, help="output directory (default: bench-results/serve-<time>); refused if it exists unless --force")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -314,16 +322,30 @@ def get(port: int, path: str, timeout: float = 5) -> tuple:
 
 
 class Prompts:
-    """Distinct prompts, in the same order for every server (no server sees a prompt twice in a run)."""
+    """Distinct prompts, in the same order for every server (no server sees a prompt twice in a run).
 
-    def __init__(self):
-        self.count = 0
+    With `shared_words`, the prompts of each burst start with one preamble of
+    that many words, new to the server (it opens with the burst's number): a
+    system prompt that arrives with the burst, which a server should compute once.
+    """
+
+    def __init__(self, shared_words: int = 0):
+        self.count, self.bursts, self.shared_words = 0, 0, shared_words
 
     def next(self) -> str:
         k = self.count
         self.count += 1
         first, second = SPEAKERS[k % len(SPEAKERS)], SPEAKERS[(k + 3) % len(SPEAKERS)]
         return f"{first}:\n{LINES[k % len(LINES)]}\n\n{second}:\n"
+
+    def burst(self, n: int) -> List[str]:
+        """n prompts sent together."""
+        self.bursts += 1
+        preamble = ""
+        if self.shared_words:
+            words = " ".join(LINES * (self.shared_words // 5 + 1)).split()[: self.shared_words]
+            preamble = f"Scene {self.bursts}. " + " ".join(words) + "\n\n"
+        return [preamble + self.next() for _ in range(n)]
 
 
 def stream_request(port: int, prompt: str, max_tokens: int, timeout: float, start: threading.Barrier, record: dict) -> None:
@@ -366,6 +388,7 @@ def stream_request(port: int, prompt: str, max_tokens: int, timeout: float, star
             if event.get("usage"):
                 record["tokens"] = event["usage"].get("completion_tokens")
                 record["prompt_tokens"] = event["usage"].get("prompt_tokens")
+                record["cached_tokens"] = (event["usage"].get("prompt_tokens_details") or {}).get("cached_tokens")
             for choice in event.get("choices") or []:
                 if choice.get("text"):
                     chunks += 1
@@ -453,6 +476,7 @@ def summarize(records: List[dict], samples: List[dict]) -> dict:
             "tokens": tokens,
             "tokens_per_request": sorted({r["tokens"] for r in good}),
             "prompt_tokens": sorted({r.get("prompt_tokens") for r in good if r.get("prompt_tokens") is not None}),
+            "cached_tokens": [r.get("cached_tokens") for r in good],  # per request, as usage reports it (None: not reported)
             "finish_reasons": sorted({r.get("finish_reason") or "?" for r in good}),
             "wall_s": ended - began,
             "aggregate_tps": tokens / (ended - began) if ended > began else None,
@@ -707,10 +731,11 @@ def main(argv=None) -> None:
         with atomic_directory(out, args.force) as staging:
             directory, name, model_info = resolve_model(args, workdir, log)
             context = model_info.get("max_context_length")
-            if isinstance(context, int) and max_tokens + PROMPT_ROOM > context:
+            room = PROMPT_ROOM + 3 * args.shared_prefix  # a word is at most ~3 tokens with these tokenizers
+            if isinstance(context, int) and max_tokens + room > context:
                 raise ElmError(
                     f"--max-tokens {max_tokens} leaves no room for the prompts in {name}'s context of {context} tokens "
-                    f"(at most {context - PROMPT_ROOM})"
+                    f"(at most {context - room})"
                 )
             from .__main__ import machine_info
 
@@ -734,8 +759,8 @@ def main(argv=None) -> None:
                     log(f"skipping {server.label}: {e}")
                     labels.pop(server.key)
                     continue
-                prompts = Prompts()
-                warm, _ = run_streams(server.port, [prompts.next()], 8, args.request_timeout)
+                prompts = Prompts(args.shared_prefix)
+                warm, _ = run_streams(server.port, prompts.burst(1), 8, args.request_timeout)
                 if "error" in warm[0]:
                     server.stop()
                     if server.key != "mlx-lm":
@@ -745,7 +770,7 @@ def main(argv=None) -> None:
                     labels.pop(server.key)
                     continue
                 if not quick:  # every batch size once, untimed
-                    run_streams(server.port, [prompts.next() for _ in range(max(concurrency))], 8, args.request_timeout)
+                    run_streams(server.port, prompts.burst(max(concurrency)), 8, args.request_timeout)
                 log(f"{server.label} ready in {time.perf_counter() - started:.1f} s (warm-up included)")
                 ready.append((server, prompts, {n: [] for n in concurrency}))
             # Trials, levels and servers interleaved: a busy spell on a shared machine spreads over all of them,
@@ -755,7 +780,7 @@ def main(argv=None) -> None:
                     for server, prompts, runs in ready:
                         load = _load()
                         records, samples = run_streams(
-                            server.port, [prompts.next() for _ in range(n)], max_tokens, args.request_timeout, health=server.key != "mlx-lm"
+                            server.port, prompts.burst(n), max_tokens, args.request_timeout, health=server.key != "mlx-lm"
                         )
                         run = {**summarize(records, samples), "load_before": load, "load_after": _load()}
                         runs[n].append(run)
@@ -782,6 +807,7 @@ def main(argv=None) -> None:
                 "quick": quick,
                 "temperature": 0,
                 "request": "streaming /v1/completions, distinct prompts, stream_options.include_usage",
+                "shared_prefix_words": args.shared_prefix,
             }
             results = {
                 "machine": machine,
@@ -797,8 +823,13 @@ def main(argv=None) -> None:
             notes = "".join(f"\n- {s['server']} skipped: {s['note']}" for s in skipped)
             (staging / "results.md").write_text(
                 f"# elm-mlx serving benchmark: {name}\n\nMachine: {machine['description']}\n\n"
-                f"{max_tokens} tokens per request (greedy), streaming /v1/completions, all streams started together. "
-                "Aggregate tok/s: all completion tokens over the wall time from the first request to the last stream done. "
+                f"{max_tokens} tokens per request (greedy), streaming /v1/completions, all streams started together"
+                + (
+                    f", their prompts sharing a {args.shared_prefix}-word preamble new to the server (one per burst). "
+                    if args.shared_prefix
+                    else ". "
+                )
+                + "Aggregate tok/s: all completion tokens over the wall time from the first request to the last stream done. "
                 "Per-stream tok/s: a stream's tokens after its first over the time between its first and last chunk. "
                 "KV MB/stream and padding: /health sampled during the run (our batched server). "
                 "Load: the 1-minute load average when the run began (the CPU may be shared). "

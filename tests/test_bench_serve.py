@@ -59,6 +59,17 @@ def port_open(port):
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def test_each_burst_of_prompts_shares_a_new_preamble_of_the_words_asked():
+    from bench.serve import Prompts
+
+    plain, reference, shared = Prompts(), Prompts(), Prompts(shared_words=30)
+    assert plain.burst(3) == [reference.next() for _ in range(3)]  # distinct prompts, nothing shared
+    first, second = shared.burst(4), shared.burst(2)
+    preambles = {p.split("\n\n", 1)[0] for p in first}
+    assert len(preambles) == 1 and len(preambles.pop().split()) == 2 + 30  # "Scene 1." and the words
+    assert len(set(first)) == 4 and second[0].split("\n\n", 1)[0] != first[0].split("\n\n", 1)[0]
+
+
 def test_quick_run_writes_every_figure_and_stops_its_servers(tmp_path, env):
     out = tmp_path / "serve"
     result = bench("--quick", "--out", str(out), env=env)
@@ -97,9 +108,14 @@ def test_quick_run_writes_every_figure_and_stops_its_servers(tmp_path, env):
     foreign = bench("--quick", "--force", "--out", str(out), env=env)
     assert foreign.returncode == 1 and "--force will not replace" in foreign.stderr and len(lines(foreign.stderr)) == 1
     (out / "mine.txt").unlink()
-    replaced = bench("--quick", "--force", "--concurrency", "1", "--out", str(out), env=env)
+    replaced = bench("--quick", "--force", "--concurrency", "2", "--shared-prefix", "40", "--no-serial", "--out", str(out), env=env)
     assert replaced.returncode == 0, replaced.stderr
-    assert json.loads((out / "results.json").read_text())["settings"]["concurrency"] == [1]
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["concurrency"] == [2] and results["settings"]["shared_prefix_words"] == 40
+    (row,) = results["rows"]
+    # Two prompts sent together with a new 40-word preamble: the batching server computes it once, for the first
+    # (which reuses only what earlier bursts' prompts share with it: the start of "Scene N.").
+    assert sorted(row["cached_tokens"])[0] < 10 and sorted(row["cached_tokens"])[1] >= 40, row["cached_tokens"]
     assert [p.name for p in tmp_path.iterdir()] == ["serve"]
 
 
