@@ -2,7 +2,8 @@
 
 One sequence: KVCache (everything), RotatingKVCache (the first few tokens and
 the last N: bounded memory for long generations) or QuantizedKVCache (keys
-and values stored in 4 or 8 bits). A batch of sequences: BatchKVCache.
+and values stored in 4 or 8 bits). A batch of sequences: BatchKVCache, or
+QuantizedBatchKVCache storing each row as QuantizedKVCache stores it alone.
 Reuse across requests: PromptCache (one conversation, the CLI chat) and
 PromptStore (many prefixes, bounded in bytes, for a server).
 
@@ -57,6 +58,10 @@ class KVCache(_Stored):
         self.values[..., start : start + n, :] = values
         self.offset += n
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    def extend(self, keys: mx.array, values: mx.array) -> None:
+        """Append keys and values in this cache's stored form (here as they are); see QuantizedKVCache.extend."""
+        self.update_and_fetch(keys, values)
 
     def _grow(self, keys: mx.array, values: mx.array, n: int) -> None:
         blocks = (n + self.step - 1) // self.step
@@ -154,7 +159,20 @@ class RotatingKVCache(_Stored):
         return n
 
 
-class QuantizedKVCache(_Stored):
+class _Quantizing:
+    """mx.quantize with a cache's `bits` and `group_size`: an array becomes (packed, scales, biases) and back."""
+
+    bits: int
+    group_size: int
+
+    def _pack(self, x: mx.array) -> Tuple[mx.array, ...]:
+        return tuple(mx.quantize(x, group_size=self.group_size, bits=self.bits))
+
+    def _unpack(self, parts: Sequence[mx.array]) -> mx.array:
+        return mx.dequantize(*parts, group_size=self.group_size, bits=self.bits)
+
+
+class QuantizedKVCache(_Quantizing, _Stored):
     """Keys and values stored quantized (mx.quantize, `bits` per number, one scale and bias per `group_size`).
 
     Attention reads them dequantized: every step dequantizes the whole cache,
@@ -175,18 +193,21 @@ class QuantizedKVCache(_Stored):
         self.offset = 0
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> Tuple[mx.array, mx.array]:
-        start, n = self.offset, keys.shape[2]
-        packed_k = mx.quantize(keys, group_size=self.group_size, bits=self.bits)
-        packed_v = mx.quantize(values, group_size=self.group_size, bits=self.bits)
+        self.extend(self._pack(keys), self._pack(values))
+        return self._read(self.keys), self._read(self.values)
+
+    def extend(self, keys: Sequence[mx.array], values: Sequence[mx.array]) -> None:
+        """Append keys and values already quantized with this cache's bits and group size, each (packed, scales,
+        biases), as they are: copied from another cache (a batch row, a stored prompt), not quantized twice."""
+        start, n = self.offset, keys[0].shape[2]
         if self.keys is None or start + n > self.keys[0].shape[2]:
             room = -(-n // self.step) * self.step
-            self.keys = self._grown(self.keys, packed_k, room)
-            self.values = self._grown(self.values, packed_v, room)
-        for stored, new in ((self.keys, packed_k), (self.values, packed_v)):
+            self.keys = self._grown(self.keys, keys, room)
+            self.values = self._grown(self.values, values, room)
+        for stored, new in ((self.keys, keys), (self.values, values)):
             for part, new_part in zip(stored, new):
                 part[..., start : start + n, :] = new_part
         self.offset += n
-        return self._read(self.keys), self._read(self.values)
 
     def _grown(self, stored, new, room: int):
         """Storage with `room` more positions after the `offset` in use."""
@@ -196,13 +217,31 @@ class QuantizedKVCache(_Stored):
         return tuple(mx.concatenate([p[..., : self.offset, :], b], axis=2) for p, b in zip(stored, blank))
 
     def _read(self, stored) -> mx.array:
-        packed, scales, biases = (p[..., : self.offset, :] for p in stored)
-        return mx.dequantize(packed, scales, biases, group_size=self.group_size, bits=self.bits)
+        return self._unpack([p[..., : self.offset, :] for p in stored])
 
     def trim(self, n: int) -> int:
         n = min(self.offset, n)
         self.offset -= n
         return n
+
+
+def storage_form(layer_cache) -> Optional[Tuple[int, int]]:
+    """How a cache stores keys and values: None as they are, (bits, group_size) quantized. Caches of one form
+    hold bit-identical keys and values for the same tokens, so they can copy each other's."""
+    bits = getattr(layer_cache, "bits", None)
+    return None if bits is None else (bits, layer_cache.group_size)
+
+
+def _parts(stored) -> List[mx.array]:
+    """A stored form's arrays: the array itself, or a quantized form's (packed, scales, biases)."""
+    return list(stored) if isinstance(stored, (tuple, list)) else [stored]
+
+
+def _cut(stored, end: int):
+    """The first `end` positions of a stored form (axis 2 of each of its arrays)."""
+    if isinstance(stored, (tuple, list)):
+        return tuple(p[..., :end, :] for p in stored)
+    return stored[..., :end, :]
 
 
 LayerCache = Union[KVCache, RotatingKVCache, QuantizedKVCache]
@@ -285,16 +324,49 @@ class BatchKVCache(_Stored):
     all rows. The columns left of padding[b] are masked out (`mask`), and
     `offset` gives each row its own rotary position (its first real token is
     at position 0), so a row computes what its sequence would alone.
+
+    The storage is a list of `parts`, arrays that share their first three
+    axes (rows, heads, columns): here the keys and the values; in
+    QuantizedBatchKVCache each one's packed numbers, scales and biases. Every
+    layout operation treats the parts alike; three hooks (_encode, _pair,
+    _read) say what the parts are.
     """
 
     step = 256
 
     def __init__(self):
-        self.keys: Optional[mx.array] = None  # (B, kv_heads, capacity, head_dim)
-        self.values: Optional[mx.array] = None
+        self.parts: Optional[List[mx.array]] = None  # each (B, kv_heads, capacity, its own last axis)
         self.padding: List[int] = []
         self.size = 0
         self._offset: Optional[mx.array] = None
+
+    # ---- what the parts are (QuantizedBatchKVCache overrides these) ----
+
+    def _encode(self, keys: mx.array, values: mx.array) -> List[mx.array]:
+        """New (B, heads, L, head_dim) keys and values as parts."""
+        return [keys, values]
+
+    def _pair(self, parts: Sequence[mx.array]) -> tuple:
+        """Parts as (keys, values) in the stored form a sequence's own cache of the same form holds."""
+        return parts[0], parts[1]
+
+    def _read(self, parts: Sequence[mx.array]) -> Tuple[mx.array, mx.array]:
+        """Parts as the keys and values attention reads."""
+        return self._pair(parts)
+
+    @property
+    def keys(self):
+        return None if self.parts is None else self._pair(self.parts)[0]
+
+    @property
+    def values(self):
+        return None if self.parts is None else self._pair(self.parts)[1]
+
+    @property
+    def state(self) -> List[mx.array]:
+        return list(self.parts or ())
+
+    # ---- the layout ----
 
     @property
     def offset(self) -> mx.array:
@@ -304,17 +376,17 @@ class BatchKVCache(_Stored):
         return self._offset
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> Tuple[mx.array, mx.array]:
-        """Append (B, heads, L, head_dim) keys/values to every row; return all columns so far."""
-        n = keys.shape[2]
-        if self.keys is None:
-            self._allocate(keys, values)
-        if self.size + n > self.keys.shape[2]:
+        """Append (B, heads, L, head_dim) keys/values to every row; return all columns so far, as attention reads them."""
+        new, n = self._encode(keys, values), keys.shape[2]
+        if self.parts is None:
+            self._allocate(new)
+        if self.size + n > self.parts[0].shape[2]:
             self._widen(right=-(-n // self.step) * self.step)
-        self.keys[..., self.size : self.size + n, :] = keys
-        self.values[..., self.size : self.size + n, :] = values
+        for part, piece in zip(self.parts, new):
+            part[..., self.size : self.size + n, :] = piece
         self.size += n
         self._offset = None
-        return self.keys[..., : self.size, :], self.values[..., : self.size, :]
+        return self._read([p[..., : self.size, :] for p in self.parts])
 
     def mask(self) -> Optional[mx.array]:
         """(B, 1, 1, size + 1) booleans for a decode step's attention: each row sees its own columns only;
@@ -324,20 +396,21 @@ class BatchKVCache(_Stored):
         columns = mx.arange(self.size + 1)
         return (columns[None, :] >= mx.array(self.padding)[:, None])[:, None, None, :]
 
-    def add(self, cache: KVCache) -> None:
-        """Append a sequence prefilled alone (a KVCache holding it, perhaps nothing yet) as a new last row."""
+    def add(self, cache: LayerCache) -> None:
+        """Append a sequence prefilled alone (a cache of this one's storage_form holding it, perhaps nothing yet)
+        as a new last row; its stored keys and values are copied as they are."""
+        if storage_form(cache) != storage_form(self):
+            raise ElmError(f"a sequence's cache stores keys and values as {storage_form(cache)}, the batch's as {storage_form(self)}")
         length = cache.offset
         if length:
-            keys, values = cache.keys[..., :length, :], cache.values[..., :length, :]
-            if self.keys is None:
-                self._allocate(keys, values)
+            parts = [p[..., :length, :] for p in _parts(cache.keys) + _parts(cache.values)]
+            if self.parts is None:
+                self._allocate(parts)
             if length > self.size:
                 self._widen(left=length - self.size)
-            self.keys = mx.concatenate([self.keys, self._row(keys)], axis=0)
-            self.values = mx.concatenate([self.values, self._row(values)], axis=0)
-        elif self.keys is not None:
-            self.keys = mx.concatenate([self.keys, self._row(self.keys[:1, :, :0])], axis=0)
-            self.values = mx.concatenate([self.values, self._row(self.values[:1, :, :0])], axis=0)
+            self.parts = [mx.concatenate([a, self._row(p)], axis=0) for a, p in zip(self.parts, parts)]
+        elif self.parts is not None:
+            self.parts = [mx.concatenate([a, self._row(a[:1, :, :0])], axis=0) for a in self.parts]
         self.padding.append(self.size - length)
         self._offset = None
 
@@ -348,30 +421,29 @@ class BatchKVCache(_Stored):
         that left is free once the caller evaluates `state`.
         """
         if not rows:
-            self.__init__()
+            self.parts, self.padding, self.size, self._offset = None, [], 0, None
             return
         start = min(self.padding[r] for r in rows)
         index = mx.array(list(rows))
-        self.keys = self.keys[:, :, start:, :][index]
-        self.values = self.values[:, :, start:, :][index]
+        self.parts = [p[:, :, start:, :][index] for p in self.parts]
         self.padding = [self.padding[r] - start for r in rows]
         self.size -= start
         self._offset = None
 
-    def row(self, b: int) -> Tuple[mx.array, mx.array]:
-        """Row b's own keys and values, (1, heads, its length, dim), padding left out."""
+    def row(self, b: int) -> tuple:
+        """Row b's own keys and values, (1, heads, its length, dim) each, padding left out, in stored form
+        (what a sequence's own cache of this form takes with `extend`)."""
         start = self.padding[b]
-        return self.keys[b : b + 1, :, start : self.size, :], self.values[b : b + 1, :, start : self.size, :]
+        return self._pair([p[b : b + 1, :, start : self.size, :] for p in self.parts])
 
-    def _allocate(self, keys: mx.array, values: mx.array) -> None:
-        """Zero-width storage for the rows so far, once the first keys tell the heads, width and dtype."""
+    def _allocate(self, parts: Sequence[mx.array]) -> None:
+        """Zero-width storage for the rows so far, once the first parts tell the heads, widths and dtypes."""
         B = len(self.padding)
-        self.keys = mx.zeros((B, keys.shape[1], 0, keys.shape[3]), keys.dtype)
-        self.values = mx.zeros((B, values.shape[1], 0, values.shape[3]), values.dtype)
+        self.parts = [mx.zeros((B, p.shape[1], 0, p.shape[3]), p.dtype) for p in parts]
 
     def _row(self, part: mx.array) -> mx.array:
-        """A (1, heads, capacity, dim) row holding `part` right-aligned to `size`."""
-        B, heads, capacity, _ = self.keys.shape
+        """A (1, heads, capacity, its last axis) row holding `part` right-aligned to `size`."""
+        _, heads, capacity, _ = self.parts[0].shape
         row = mx.zeros((1, heads, capacity, part.shape[3]), part.dtype)
         row[..., self.size - part.shape[2] : self.size, :] = part
         return row
@@ -387,10 +459,42 @@ class BatchKVCache(_Stored):
                 pieces.append(mx.zeros((B, heads, right, dim), a.dtype))
             return mx.concatenate(pieces, axis=2)
 
-        self.keys, self.values = widen(self.keys), widen(self.values)
+        self.parts = [widen(p) for p in self.parts]
         self.padding = [p + left for p in self.padding]
         self.size += left
         self._offset = None
+
+
+class QuantizedBatchKVCache(_Quantizing, BatchKVCache):
+    """A BatchKVCache whose rows are stored as QuantizedKVCache stores one sequence: keys and values each as
+    (packed, scales, biases), new ones quantized before they are attended to. Quantization works on groups of
+    one position's head_dim numbers, so a row's parts are bit-identical to its sequence's own cache; rows join
+    and leave with their parts copied, never dequantized and quantized again."""
+
+    def __init__(self, bits: int = 8, group_size: int = 64):
+        super().__init__()
+        self.bits, self.group_size = bits, group_size
+
+    def _encode(self, keys: mx.array, values: mx.array) -> List[mx.array]:
+        return [*self._pack(keys), *self._pack(values)]
+
+    def _pair(self, parts: Sequence[mx.array]) -> tuple:
+        return tuple(parts[:3]), tuple(parts[3:])
+
+    def _read(self, parts: Sequence[mx.array]) -> Tuple[mx.array, mx.array]:
+        keys, values = self._pair(parts)
+        return self._unpack(keys), self._unpack(values)
+
+
+def make_batch_cache(model, kv: Optional[KVOptions] = None) -> List[BatchKVCache]:
+    """One batch cache per layer of `model`, storing keys and values as make_cache(model, kv)'s caches do (and
+    refusing what they refuse); a rotating window does not batch (its rows would drop columns at different steps)."""
+    if kv is not None and kv.max_size is not None:
+        raise ElmError(
+            "a rotating KV window (max_kv_size) serves one sequence at a time; batched decoding can quantize keys and values (kv_bits) instead"
+        )
+    form = storage_form(make_cache(model, kv)[0]) if model.layers else None
+    return [BatchKVCache() if form is None else QuantizedBatchKVCache(*form) for _ in model.layers]
 
 
 class PromptCache:
@@ -468,8 +572,9 @@ def default_prompt_cache_bytes() -> int:
 @dataclass
 class _Entry:
     tokens: np.ndarray  # int64 token ids, for vectorised prefix comparison
-    layers: List[Tuple[mx.array, mx.array]]  # per layer, (1, heads, len(tokens), dim) keys and values
+    layers: List[tuple]  # per layer, (1, heads, len(tokens), dim) keys and values, in stored form
     nbytes: int
+    form: Optional[Tuple[int, int]] = None  # how they are stored (storage_form): only caches of this form reuse them
 
 
 class PromptStore:
@@ -483,6 +588,11 @@ class PromptStore:
     within `max_bytes` (0 stores nothing). A sequence that is a prefix of a
     stored one is not stored again; storing one that extends a stored one
     replaces it. Safe to share between threads.
+
+    Keys and values are kept in the form the sequence's cache stored them
+    (storage_form: as they are, or quantized with some bits and group size)
+    and reused only by caches of the same form, copied as they are: a reused
+    prefix is bit-identical to what the sequence would have computed.
     """
 
     def __init__(self, max_bytes: Optional[int] = None):
@@ -504,8 +614,9 @@ class PromptStore:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, prompt: Sequence[int], limit: Optional[int] = None) -> Tuple[int, List[Tuple[mx.array, mx.array]]]:
-        """The longest stored prefix of `prompt` (at most `limit` tokens): its length and per-layer keys and values.
+    def lookup(self, prompt: Sequence[int], limit: Optional[int] = None, form: Optional[Tuple[int, int]] = None) -> Tuple[int, List[tuple]]:
+        """The longest stored prefix of `prompt` (at most `limit` tokens) among entries of this storage `form`:
+        its length and per-layer keys and values.
 
         The arrays are the stored ones sliced, never to be written to (MLX
         arrays are values: a cache that copies them in cannot change them).
@@ -517,7 +628,7 @@ class PromptStore:
         with self._lock:
             best, best_key = 0, None
             for key, entry in self._entries.items():
-                common = _common_prefix(entry.tokens, wanted)
+                common = _common_prefix(entry.tokens, wanted) if entry.form == form else 0
                 if common > best:
                     best, best_key = common, key
             if best_key is None:
@@ -526,30 +637,37 @@ class PromptStore:
             self.hits += 1
             self.reused_tokens += best
             layers = self._entries[best_key].layers
-        return best, [(k[..., :best, :], v[..., :best, :]) for k, v in layers]
+        return best, [(_cut(k, best), _cut(v, best)) for k, v in layers]
 
-    def cache_for(self, model, prompt: Sequence[int], limit: Optional[int] = None) -> Tuple[List[KVCache], int]:
-        """A fresh cache for `prompt` holding its longest stored prefix (at most `limit` tokens), and that length."""
-        cache = make_cache(model)
-        reused, layers = self.lookup(prompt, limit)
+    def cache_for(
+        self, model, prompt: Sequence[int], limit: Optional[int] = None, kv: Optional[KVOptions] = None
+    ) -> Tuple[List[LayerCache], int]:
+        """A fresh cache (make_cache(model, kv)) for `prompt` holding its longest stored prefix (at most `limit`
+        tokens) of that cache's form, and that length."""
+        cache = make_cache(model, kv)
+        reused, layers = self.lookup(prompt, limit, storage_form(cache[0]) if cache else None)
         for layer_cache, (keys, values) in zip(cache, layers):
-            layer_cache.update_and_fetch(keys, values)
+            layer_cache.extend(keys, values)
         if reused:
             mx.eval([c.state for c in cache])
         return cache, reused
 
-    def store(self, tokens: Sequence[int], layers: Sequence[Tuple[mx.array, mx.array]]) -> bool:
-        """Keep the keys and values of `tokens` (per layer, (1, heads, len(tokens), dim)); False when not kept
-        (nothing to keep, larger than the whole budget, or already covered by a stored sequence)."""
+    def store(self, tokens: Sequence[int], layers: Sequence[tuple], form: Optional[Tuple[int, int]] = None) -> bool:
+        """Keep the keys and values of `tokens` (per layer, (1, heads, len(tokens), dim), stored in `form`, see
+        storage_form); False when not kept (nothing to keep, larger than the whole budget, or already covered by a
+        stored sequence of that form)."""
         n = len(tokens)
-        if n == 0 or not layers or any(k.shape[2] != n or v.shape[2] != n for k, v in layers):
+        arrays = [p for k, v in layers for p in _parts(k) + _parts(v)]
+        if n == 0 or not layers or any(p.shape[2] != n for p in arrays):
             return False
-        nbytes = sum(k.nbytes + v.nbytes for k, v in layers)
+        nbytes = sum(p.nbytes for p in arrays)
         if nbytes > self.max_bytes:
             return False
         ids = np.asarray(tokens, dtype=np.int64)
         with self._lock:
             for key, entry in list(self._entries.items()):
+                if entry.form != form:
+                    continue
                 common = _common_prefix(entry.tokens, ids)
                 if common == n:  # already stored, perhaps with more after it
                     self._entries.move_to_end(key)
@@ -558,18 +676,18 @@ class PromptStore:
                     self._remove(key)
             while self._entries and self.nbytes + nbytes > self.max_bytes:
                 self._remove(next(iter(self._entries)))
-            layers = [(mx.contiguous(k), mx.contiguous(v)) for k, v in layers]  # no views into larger buffers
+            layers = [(_contiguous(k), _contiguous(v)) for k, v in layers]  # no views into larger buffers
             mx.eval(layers)
             self._next += 1
-            self._entries[self._next] = _Entry(ids, layers, nbytes)
+            self._entries[self._next] = _Entry(ids, layers, nbytes, form)
             self.nbytes += nbytes
         return True
 
-    def store_cache(self, tokens: Sequence[int], cache: Sequence[KVCache]) -> bool:
-        """store() what a sequence's own per-layer KVCache holds; it must hold exactly `tokens`."""
+    def store_cache(self, tokens: Sequence[int], cache: Sequence[LayerCache]) -> bool:
+        """store() what a sequence's own per-layer cache (KVCache or QuantizedKVCache) holds; it must hold exactly `tokens`."""
         if not cache or any(c.offset != len(tokens) or c.keys is None for c in cache):
             return False
-        return self.store(tokens, [(c.keys[..., : c.offset, :], c.values[..., : c.offset, :]) for c in cache])
+        return self.store(tokens, [(_cut(c.keys, c.offset), _cut(c.values, c.offset)) for c in cache], storage_form(cache[0]))
 
     def clear(self) -> None:
         with self._lock:
@@ -578,6 +696,10 @@ class PromptStore:
 
     def _remove(self, key: int) -> None:
         self.nbytes -= self._entries.pop(key).nbytes
+
+
+def _contiguous(stored):
+    return tuple(mx.contiguous(p) for p in stored) if isinstance(stored, (tuple, list)) else mx.contiguous(stored)
 
 
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
