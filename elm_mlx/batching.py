@@ -40,6 +40,16 @@ prefills only the rest; `Event.cached_tokens` says how many it reused. Its
 prompt is stored once prefilled (so requests arriving together with one
 system prompt compute it once, in turn), and everything it fed the model
 (prompt and answer) when it leaves, cancelled ones included.
+
+Quantized keys and values. With `kv` (KVOptions) asking for `bits`, each
+sequence prefills into its own QuantizedKVCaches and the batch keeps
+QuantizedBatchKVCaches: a row joins with its packed numbers, scales and
+biases copied (never dequantized and quantized again), the store keeps and
+hands out that form, and quantization works on one position's head_dim
+numbers at a time, so batching adds no difference of its own: the same
+keys give a row the bits its sequence's own cache holds alone (the tests
+hold the tokens to stream_generate with the same options). A rotating
+window (`max_size`) does not batch: ElmError.
 """
 
 import threading
@@ -49,7 +59,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import BatchKVCache, KVCache, PromptStore, make_cache
+from .cache import KVOptions, LayerCache, PromptStore, make_batch_cache, make_cache, storage_form
 from .errors import ElmError
 from .generation import Piece, TextStream, check_context, check_request, context_length, prefill_chunk
 from .sample import SamplingParams, key_stream, make_logits_processors, make_sampler
@@ -101,7 +111,7 @@ class _Sequence:
     def __init__(self, id: int, request: Request, prompt_ids: List[int], tokenizer: Tokenizer):
         self.id = id
         self.prompt_ids = prompt_ids
-        self.cache: Optional[List[KVCache]] = None  # its own while prefilling; then a row of the batch
+        self.cache: Optional[List[LayerCache]] = None  # its own while prefilling; then a row of the batch
         self.prompt: Optional[mx.array] = None  # the prompt's ids as an array, while prefilling
         self.prefilled = 0
         self.cached = 0  # prompt tokens whose keys and values came from the prompt store
@@ -136,7 +146,8 @@ class BatchEngine:
     others wait in submission order. Not thread-safe, except that cancel()
     may be called from another thread: it takes effect at the next step.
     `prompt_cache` (a PromptStore, perhaps shared with other engines of the
-    same model) reuses the keys and values of earlier prompts.
+    same model) reuses the keys and values of earlier prompts. `kv`
+    (KVOptions with `bits`) stores keys and values quantized.
     """
 
     def __init__(
@@ -146,17 +157,21 @@ class BatchEngine:
         max_batch: int = 8,
         prefill_step_size: int = 512,
         prompt_cache: Optional[PromptStore] = None,
+        kv: Optional[KVOptions] = None,
     ):
         for name, value in (("max_batch", max_batch), ("prefill_step_size", prefill_step_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ElmError(f"{name} must be an integer >= 1, got {value!r}")
         if prompt_cache is not None and not isinstance(prompt_cache, PromptStore):
             raise ElmError(f"prompt_cache must be a PromptStore, got {type(prompt_cache).__name__}")
+        if kv is not None and not isinstance(kv, KVOptions):
+            raise ElmError(f"kv must be a KVOptions, got {type(kv).__name__}")
+        self.kv = kv
         self.model, self.tokenizer, self.store = model, tokenizer, prompt_cache
         self.max_batch, self.prefill_step_size = max_batch, prefill_step_size
         self.context_length = context_length(model)
         self.vocab_size = getattr(getattr(model, "args", None), "vocab_size", None)
-        self.cache = [BatchKVCache() for _ in model.layers]
+        self.cache = self._new_batch_cache()  # refuses kv options a batch cannot follow
         self.waiting: List[_Sequence] = []
         self.prefilling: List[_Sequence] = []
         self.decoding: List[_Sequence] = []  # in the order of the batch cache's rows
@@ -197,7 +212,7 @@ class BatchEngine:
     def kv_bytes(self) -> int:
         """Bytes of keys and values held: the batch's and those of prompts being prefilled."""
         held = sum(c.nbytes for c in self.cache)
-        return held + sum(c.keys.nbytes + c.values.nbytes for s in self.prefilling for c in s.cache or () if c.keys is not None)
+        return held + sum(c.nbytes for s in self.prefilling for c in s.cache or ())
 
     def padding_fraction(self) -> float:
         """Share of the batch's used cache columns that are padding (computed over, never used)."""
@@ -261,10 +276,10 @@ class BatchEngine:
         """Give a sequence about to prefill its own cache, holding the longest prefix the store has of its prompt
         (looked up now, not at submission: earlier requests may have stored it since)."""
         if self.store is not None:
-            seq.cache, seq.cached = self.store.cache_for(self.model, seq.prompt_ids, limit=seq.prefill_end)
+            seq.cache, seq.cached = self.store.cache_for(self.model, seq.prompt_ids, limit=seq.prefill_end, kv=self.kv)
             seq.prefilled = seq.cached
         else:
-            seq.cache = make_cache(self.model)
+            seq.cache = self._new_row_cache()
         seq.prompt = mx.array(seq.prompt_ids, dtype=mx.uint32)
 
     def _prefill_together(self) -> Tuple[List[Event], int, Set[int]]:
@@ -309,7 +324,7 @@ class BatchEngine:
             width = wider
         if len(group) < 2:
             return [], 0, waiting
-        cache = [BatchKVCache() for _ in self.model.layers]
+        cache = self._new_batch_cache()
         inputs, short = [], []
         for seq in group:
             kept = max(0, seq.prefill_end - width)  # of its stored prefix, what the pass starts from
@@ -332,13 +347,21 @@ class BatchEngine:
         mx.eval([c.state for c in cache])
         events = []
         for b, seq in enumerate(group):
-            seq.cache = make_cache(self.model)
+            seq.cache = self._new_row_cache()
             for own_layer, layer in zip(seq.cache, cache):
-                own_layer.update_and_fetch(*layer.row(b))
+                own_layer.extend(*layer.row(b))  # as stored: quantized parts are copied, not quantized twice
             seq.prefilled = seq.prefill_end
             events.append(seq.event(prefilled=seq.prefilled))
             self._join(seq)
         return events, width * len(group), waiting
+
+    def _new_row_cache(self) -> List[LayerCache]:
+        """A sequence's own cache for its prefill: the one stream_generate would use with these kv options."""
+        return make_cache(self.model, self.kv)
+
+    def _new_batch_cache(self) -> list:
+        """A batch cache per layer storing keys and values as _new_row_cache's do."""
+        return make_batch_cache(self.model, self.kv)
 
     def _join(self, seq: _Sequence) -> None:
         """A prefilled sequence becomes the last row of the batch; its own cache is freed (or stored)."""
@@ -446,10 +469,11 @@ class BatchEngine:
         """Drop rows from the batch now; their memory is free (or reused) once the smaller arrays are evaluated."""
         gone = {s.id for s in leaving}
         if self.store is not None:
+            layout = self.cache[0]
             for i, seq in enumerate(self.decoding):
                 if seq.id in gone:
                     row = [layer.row(i) for layer in self.cache]
-                    self.store.store(seq.fed(row[0][0].shape[2]), row)
+                    self.store.store(seq.fed(layout.size - layout.padding[i]), row, storage_form(layout))
         rows = [i for i, s in enumerate(self.decoding) if s.id not in gone]
         self.decoding = [self.decoding[i] for i in rows]
         if not self.decoding:
@@ -561,13 +585,15 @@ def batch_generate(
     max_batch: int = 8,
     prompt_cache: Optional[PromptStore] = None,
     constraint=None,
+    kv: Optional[KVOptions] = None,
 ) -> List[BatchResult]:
     """Generate for every prompt, at most `max_batch` decoded together; one result per prompt, in order.
 
     `sampling` is one SamplingParams for all or one per prompt; `seeds` one
     seed (or None) per prompt; `prompt_cache` a PromptStore to reuse and fill;
     `constraint` one elm_mlx.constrain.Constraint for all or one (or None) per
-    prompt (a compiled Matcher serves one prompt only). Every request is checked before any work.
+    prompt (a compiled Matcher serves one prompt only); `kv` KVOptions quantizing keys and values
+    (bits, group_size). Every request is checked before any work.
     """
     if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
         raise ElmError("prompts must be a list of prompts (strings or lists of token ids)")
@@ -577,7 +603,7 @@ def batch_generate(
     seeds = _per_prompt("seeds", seeds, len(prompts), None) if seeds is not None else [None] * len(prompts)
     constraints = constraint if isinstance(constraint, (list, tuple)) else [constraint] * len(prompts)
     constraints = _per_prompt("constraint", constraints, len(prompts), None)
-    engine = BatchEngine(model, tokenizer, max_batch=max_batch, prefill_step_size=prefill_step_size, prompt_cache=prompt_cache)
+    engine = BatchEngine(model, tokenizer, max_batch=max_batch, prefill_step_size=prefill_step_size, prompt_cache=prompt_cache, kv=kv)
     requests = [Request(p, max_tokens, s, stop, seed, c) for p, s, seed, c in zip(prompts, samplings, seeds, constraints)]
     ids = [engine.submit(r) for r in requests]
 
