@@ -5,6 +5,10 @@ expected keys and values from a PromptCache with them, the expected bytes
 from the model's shapes; never from the batch engine itself.
 """
 
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import mlx.core as mx
 import pytest
 
@@ -168,3 +172,44 @@ def test_kv_options_a_batch_cannot_follow_are_one_line_errors(demo):
         BatchEngine(model, tokenizer, kv={"bits": 8})
     assert "\n" not in str(window.value) and "\n" not in str(group.value)
 
+
+def test_a_batching_server_with_kv_bits_answers_as_the_one_at_a_time_server(demo):
+    pytest.importorskip("uvicorn")
+    from test_server_batching import PROMPTS as SERVER_PROMPTS
+    from test_server_batching import complete, health, serve
+
+    from elm_mlx.server import BatchedEngine, Engine
+
+    model, tokenizer = demo
+    kv = KVOptions(bits=8)
+    serial, stop_serial = serve(Engine(model, tokenizer, "demo", kv=kv))  # as `--max-batch 1 --kv-bits 8`
+    engine = BatchedEngine(model, tokenizer, "demo", max_batch=4, prefill_step_size=64, kv=kv)
+    batched, stop_batched = serve(engine)
+    try:
+        prompts = SERVER_PROMPTS[:6]
+        expected = [complete(serial, p, max_tokens=12 + 3 * i)[0] for i, p in enumerate(prompts)]
+        most, done = [0], threading.Event()
+
+        def watch():  # this test must really batch
+            while not done.is_set():
+                most[0] = max(most[0], engine.batch.active)
+                time.sleep(0.001)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        with ThreadPoolExecutor(6) as pool:
+            together = list(pool.map(lambda i: complete(batched, prompts[i], stream=i % 2 == 1, max_tokens=12 + 3 * i)[0], range(6)))
+        done.set()
+        watcher.join()
+        assert together == expected and most[0] >= 3, most
+        assert isinstance(engine.batch.cache[0], QuantizedBatchKVCache)
+        preamble = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+        complete(batched, preamble + "ROMEO:", max_tokens=6)
+        text, _, usage = complete(batched, preamble + "JULIET:", max_tokens=10)
+        assert usage["prompt_tokens_details"]["cached_tokens"] >= len(tokenizer.encode(preamble)) - 2  # the quantized store
+        assert text == complete(serial, preamble + "JULIET:", max_tokens=10)[0]
+        status = health(batched)
+        assert status["kv_bytes"] == 0 and status["prompt_cache_entries"] > 0 and status["active"] == 0
+    finally:
+        stop_serial()
+        stop_batched()

@@ -140,8 +140,8 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     sampling = sampling_from_args(args)
     kv = kv_from_args(args)
-    if kv is not None and args.max_batch > 1:
-        raise ElmError("--max-kv-size and --kv-bits need --max-batch 1: the batched cache keeps every key and value in full")
+    if kv is not None and kv.max_size is not None and args.max_batch > 1:
+        raise ElmError("--max-kv-size needs --max-batch 1: a rotating window serves one request at a time (--kv-bits works with batching)")
     check_speculative_args(args)
     if args.draft_model is not None and args.max_batch > 1:
         raise ElmError("--draft-model needs --max-batch 1: speculative decoding serves one request at a time")
@@ -161,6 +161,7 @@ def main(argv=None) -> None:
             args.prefill_step_size,
             max_batch=args.max_batch,
             prompt_cache_bytes=args.prompt_cache_bytes,
+            kv=kv,
         )
     else:
         engine = Engine(

@@ -13,7 +13,7 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..batching import BatchEngine, Event, Request
-from ..cache import PromptStore
+from ..cache import KVOptions, PromptStore
 from ..constrain import ConstraintError
 from ..errors import ElmError
 from ..generation import GenerationResponse
@@ -35,10 +35,11 @@ class BatchedEngine(Engine):
         prefill_step_size: int = 512,
         max_batch: int = 8,
         prompt_cache_bytes: Optional[int] = None,
+        kv: Optional[KVOptions] = None,
     ):
         # Prefixes of earlier requests (a shared system prompt, a conversation resent with each turn) are reused.
         self.store = PromptStore(prompt_cache_bytes)
-        self.max_batch = max_batch
+        self.max_batch, self.kv = max_batch, kv  # kv: keys and values quantized (bits), in the batch and in the store
         self.gather_limit = GATHER_LIMIT
         self.step_seconds = 0.0  # a decode step's time, measured (a moving average); 0 until the first one
         self.batch = self._new_batch(model, tokenizer, prefill_step_size)
@@ -65,7 +66,9 @@ class BatchedEngine(Engine):
             self._hand_over()
 
     def _new_batch(self, model, tokenizer, prefill_step_size: int) -> BatchEngine:
-        return BatchEngine(model, tokenizer, max_batch=self.max_batch, prefill_step_size=prefill_step_size, prompt_cache=self.store)
+        return BatchEngine(
+            model, tokenizer, max_batch=self.max_batch, prefill_step_size=prefill_step_size, prompt_cache=self.store, kv=self.kv
+        )
 
     def _admit(self, wait: bool) -> None:
         """Hand every arrived job to the batch; with nothing running, sleep until one arrives.
