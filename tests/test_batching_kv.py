@@ -45,10 +45,10 @@ class GroupSpy(BatchEngine):
     """A BatchEngine noting how many sequences each group prefill took."""
 
     def _prefill_together(self):
-        events, spent = super()._prefill_together()
+        events, spent, waiting = super()._prefill_together()
         if spent:
             self.groups = getattr(self, "groups", []) + [sum(e.prefilled is not None for e in events)]
-        return events, spent
+        return events, spent, waiting
 
 
 @pytest.mark.parametrize("bits", [8, 4])
