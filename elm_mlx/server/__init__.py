@@ -186,6 +186,10 @@ def main(argv=None) -> None:
     )
     details = [f"context {engine.context_length} tokens"] if engine.context_length else []
     details.append(f"up to {args.max_batch} requests at once")
+    if kv is not None and kv.bits is not None:
+        details.append(f"keys and values in {kv.bits} bits")
+    elif kv is not None and kv.max_size is not None:
+        details.append(f"a {kv.max_size}-token KV window")
     if args.draft_model is not None:
         details.append(f"drafting with {args.draft_model}, {speculative['num_draft_tokens']} tokens a pass")
     url = f"http://{f'[{args.host}]' if ':' in args.host else args.host}:{args.port}"
