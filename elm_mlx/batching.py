@@ -124,6 +124,7 @@ class _Sequence:
         self.keys = key_stream(request.seed) if request.sampling.temp > 0 else None  # greedy draws nothing
         self.text = TextStream(tokenizer, request.stop, request.max_tokens)
         self.matcher = None  # its constraint's matcher (elm_mlx.constrain), set by submit
+        self.deferred = False  # it has waited a step for another prompt's stored keys (it waits once at most)
 
     @property
     def prefill_end(self) -> int:
@@ -256,9 +257,9 @@ class BatchEngine:
 
     def _prefill(self) -> List[Event]:
         """Prefill in submission order, whole chunks only, until prefill_step_size tokens are spent this step."""
-        events, spent, waiting = self._prefill_together()
+        events, spent, deferred = self._prefill_together()
         for seq in list(self.prefilling):
-            if seq.id in waiting:
+            if seq.id in deferred:
                 continue  # next step, with what the one it waits for has stored, and perhaps with others like it
             if seq.cache is None:
                 self._look_up(seq)
@@ -300,20 +301,21 @@ class BatchEngine:
         requests sharing a system prompt that is already stored prefill their
         different endings together, not one pass each.
         Returns the events, the (padded) tokens spent, and the ids of prompts
-        waiting for another's stored keys (not to be prefilled this step).
+        deferred to the next step for another's stored keys (see _may_wait).
         """
         group: List[_Sequence] = []
-        width, waiting = 0, set()
+        width, deferred = 0, set()
         for seq in self.prefilling:
             if seq.cache is not None:
                 continue
             if not 0 < seq.prefill_end <= self.prefill_step_size:
                 continue  # a chunked prompt looks the store up just before its own prefill (earlier ones may store first)
             self._look_up(seq)
-            if self.store is not None and any(_common(seq, s) - seq.cached >= SHARED_PREFIX for s in group):
-                self.store.reused_tokens -= seq.cached
+            if self._may_wait(seq) and any(_common(seq, s) - seq.cached >= SHARED_PREFIX for s in group):
+                self.store.unused(seq.cached, whole=seq.cached > 0)
                 seq.cache, seq.cached, seq.prefilled = None, 0, 0  # it waits for that member's stored prompt (looked up
-                waiting.add(seq.id)  # again at the next step): a shared system prompt is computed once
+                seq.deferred = True  # again at the next step): a shared system prompt is computed once
+                deferred.add(seq.id)
                 continue
             if seq.cached == seq.prefill_end:
                 continue  # all of it is stored: nothing to compute, it joins as it is
@@ -323,21 +325,21 @@ class BatchEngine:
             group.append(seq)
             width = wider
         if len(group) < 2:
-            return [], 0, waiting
+            return [], 0, deferred
         cache = self._new_batch_cache()
-        inputs, short = [], []
+        inputs, pad = [], []
         for seq in group:
             kept = max(0, seq.prefill_end - width)  # of its stored prefix, what the pass starts from
             for own_layer, layer in zip(seq.cache, cache):
                 own_layer.trim(own_layer.offset - kept)
                 layer.add(own_layer)
-            if self.store is not None:
-                self.store.reused_tokens -= seq.cached - kept  # it counts what was looked up; this much was used
+            if self.store is not None and seq.cached > kept:
+                self.store.unused(seq.cached - kept, whole=kept == 0)
             seq.cached = kept
             inputs.append([0] * (width - seq.prefill_end + kept) + seq.prompt_ids[kept : seq.prefill_end])
-            short.append(width - (seq.prefill_end - kept))  # left padding inside the pass (prompts shorter than it)
+            pad.append(width - (seq.prefill_end - kept))  # left padding inside the pass (prompts shorter than it)
         start = cache[0].size
-        padding = [p + extra for p, extra in zip(cache[0].padding, short)]
+        padding = [p + extra for p, extra in zip(cache[0].padding, pad)]
         for layer in cache:
             layer.padding = list(padding)
             layer._offset = None
@@ -353,7 +355,12 @@ class BatchEngine:
             seq.prefilled = seq.prefill_end
             events.append(seq.event(prefilled=seq.prefilled))
             self._join(seq)
-        return events, width * len(group), waiting
+        return events, width * len(group), deferred
+
+    def _may_wait(self, seq: _Sequence) -> bool:
+        """Whether a prompt may wait a step for another's keys to be stored: only once, and only with a store that
+        can keep something (a store of 0 bytes never would: the wait would repeat every step)."""
+        return self.store is not None and self.store.max_bytes > 0 and not seq.deferred
 
     def _new_row_cache(self) -> List[LayerCache]:
         """A sequence's own cache for its prefill: the one stream_generate would use with these kv options."""

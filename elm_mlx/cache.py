@@ -614,6 +614,13 @@ class PromptStore:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def unused(self, tokens: int, whole: bool = False) -> None:
+        """Of a lookup's reuse, `tokens` went unused after all (the caller recomputed them; `whole`: all of it).
+        Keeps `hits` and `reused_tokens` to what was reused."""
+        with self._lock:
+            self.reused_tokens -= tokens
+            self.hits -= int(whole)
+
     def lookup(self, prompt: Sequence[int], limit: Optional[int] = None, form: Optional[Tuple[int, int]] = None) -> Tuple[int, List[tuple]]:
         """The longest stored prefix of `prompt` (at most `limit` tokens) among entries of this storage `form`:
         its length and per-layer keys and values.

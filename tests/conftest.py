@@ -173,3 +173,17 @@ def tiny(tiny_model_dir):
     from elm_mlx.load import load
 
     return load(str(tiny_model_dir), verbose=False)
+
+
+class CountingModel:
+    """A model that notes the shape of every input it is given (how many passes, how wide)."""
+
+    def __init__(self, model):
+        self.model, self.inputs = model, []
+
+    def __call__(self, tokens, **kwargs):
+        self.inputs.append(tokens.shape)
+        return self.model(tokens, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)

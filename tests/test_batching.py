@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import TINY_VOCAB
+from conftest import TINY_VOCAB, CountingModel
 from elm_mlx import ElmError, SamplingParams, batch_generate, load, stream_generate
 from elm_mlx.batching import BatchEngine, Request
 from elm_mlx.cache import BatchKVCache, KVCache, PromptStore
@@ -64,20 +64,6 @@ def test_eight_prompts_decoded_together_equal_each_alone(demo):
         assert result.generation_tokens == len(tokens) and result.prompt_tokens >= 1
 
 
-class CountingModel:
-    """The model, noting the shape of every input it is given."""
-
-    def __init__(self, model):
-        self.model, self.inputs = model, []
-
-    def __call__(self, tokens, **kwargs):
-        self.inputs.append(tokens.shape)
-        return self.model(tokens, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-
 def test_short_prompts_prefill_together_in_one_pass_and_equal_each_alone(demo):
     model, tokenizer = demo
     expected = [alone(model, tokenizer, p, max_tokens=12, sampling=GREEDY)[1] for p in PROMPTS]
@@ -115,6 +101,20 @@ def test_prompts_whose_start_is_stored_prefill_together_from_it(demo):
     twice = batch_generate(model, tokenizer, [prompts[0], prompts[0], prompts[1]], max_tokens=8, sampling=GREEDY, prompt_cache=store)
     assert [r.tokens for r in twice] == [expected[0], expected[0], expected[1]]
     assert [r.cached_tokens for r in twice] == ends[:1] * 2 + ends[1:2]
+
+
+def test_a_store_that_keeps_nothing_does_not_make_prompts_wait_for_each_other(demo):
+    # Waiting a step for another's stored keys gains nothing when the store keeps nothing: one pass, one step.
+    model, tokenizer = demo
+    preamble = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+    prompts = [preamble + name for name in ("ROMEO:", "JULIET:", "KING HENRY:", "HAMLET:")]
+    expected = [alone(model, tokenizer, p, max_tokens=4, sampling=GREEDY)[1] for p in prompts]
+    for store in (None, PromptStore(0)):
+        counting = CountingModel(model)
+        results = batch_generate(counting, tokenizer, prompts, max_tokens=4, sampling=GREEDY, prompt_cache=store)
+        assert [r.tokens for r in results] == expected
+        ends = [len(tokenizer.encode(p)) - 1 for p in prompts]
+        assert [shape for shape in counting.inputs if shape[1] > 1] == [(4, max(ends))], store
 
 
 def test_prompts_arriving_together_with_one_preamble_compute_it_once(demo):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_map
 
-from conftest import TINY_VOCAB
+from conftest import TINY_VOCAB, CountingModel
 from elm_mlx import ElmError, SamplingParams, load, stream_generate
 from elm_mlx.batching import BatchEngine, Request, batch_generate
 from elm_mlx.cache import PromptCache, PromptStore, default_prompt_cache_bytes, physical_memory
@@ -52,26 +52,12 @@ def kv(n: int, layers: int = 2, width: int = 4):
 # ---- the store in the engine ----------------------------------------------------------------
 
 
-class Counting:
-    """The model, noting the shape of every input it is given."""
-
-    def __init__(self, model):
-        self.model, self.inputs = model, []
-
-    def __call__(self, tokens, **kwargs):
-        self.inputs.append(tokens.shape)
-        return self.model(tokens, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-
 def test_a_shared_system_prompt_is_computed_once_and_answers_are_unchanged(demo):
     model, tokenizer = demo
     prompts = [SYSTEM + q for q in QUESTIONS]
     plain = batch_generate(model, tokenizer, prompts, max_tokens=24, sampling=GREEDY)
     store = PromptStore(64 << 20)
-    counting = Counting(model)
+    counting = CountingModel(model)
     cached = batch_generate(counting, tokenizer, prompts, max_tokens=24, sampling=GREEDY, prompt_cache=store)
     assert [r.tokens for r in cached] == [r.tokens for r in plain]
     ids = [tokenizer.encode(p) for p in prompts]

@@ -293,3 +293,32 @@ def test_requests_sent_together_to_an_idle_server_are_prefilled_together(demo):
     assert _first_step_sizes(demo, step_seconds=1.0) == [6]  # a window of 0.25 s
     assert _first_step_sizes(demo, step_seconds=0.0)[0] < 6  # without a window the first one starts alone
     assert _first_step_sizes(demo, step_seconds=1.0, gather_limit=0.012)[0] < 6  # nor once the window has closed
+
+
+def test_the_gather_window_follows_decode_steps_only(demo):
+    # The worker's step_seconds (the window's measure) must come from steps that decoded, not from prefills: here
+    # every prefilling step is made to take 0.4 s and every other step 0.02 s more than it does.
+    from elm_mlx.sample import SamplingParams
+    from elm_mlx.server.engine import Job
+
+    model, tokenizer = demo
+    engine = BatchedEngine(model, tokenizer, "demo", max_batch=4, prefill_step_size=8)
+    step = engine.batch.step
+
+    seen = []  # step_seconds before each step: what the window would have used
+
+    def slowed():
+        seen.append(engine.step_seconds)
+        prefilling = bool(engine.batch.prefilling or engine.batch.waiting)
+        events = step()
+        time.sleep(0.4 if prefilling or any(e.prefilled is not None for e in events) else 0.02)
+        return events
+
+    engine.batch.step = slowed
+    done = threading.Semaphore(0)
+    for prompt in PROMPTS[:3]:
+        ids = tokenizer.encode(prompt)
+        engine.jobs.put(Job(ids, 12, SamplingParams(temp=0.0), [], None, 0, emit=lambda item: item is None and done.release()))
+    for _ in range(3):
+        assert done.acquire(timeout=60)
+    assert 0.02 <= engine.step_seconds < 0.2 and max(seen) < 0.2, (engine.step_seconds, max(seen))

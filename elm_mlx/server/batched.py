@@ -58,12 +58,22 @@ class BatchedEngine(Engine):
             except Exception as e:  # a bug must not kill the worker: fail the jobs it was serving, start afresh
                 self._fail_all(e)
                 continue
-            if self.batch.decoding and not self.batch.prefilling and not any(e.prefilled is not None for e in events):
+            if self._a_decode_step(events):
                 took = time.monotonic() - started
                 self.step_seconds = took if not self.step_seconds else 0.8 * self.step_seconds + 0.2 * took
             for event in events:
                 self._deliver(event)
             self._hand_over()
+
+    def _a_decode_step(self, events: List[Event]) -> bool:
+        """Whether a step's time is a decode step's: it handed out tokens (so it waited for a forward pass) and
+        prefilled nothing, with nothing waiting to prefill (then it hands out without launching the next pass)."""
+        return (
+            any(e.token is not None for e in events)
+            and not any(e.prefilled is not None for e in events)
+            and not self.batch.prefilling
+            and not self.batch.waiting
+        )
 
     def _new_batch(self, model, tokenizer, prefill_step_size: int) -> BatchEngine:
         return BatchEngine(
