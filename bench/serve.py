@@ -42,6 +42,7 @@ LLAMA_TOKENIZER = REPO.parent / "shared" / "assets" / "llama2-tokenizer.model"
 HOST = "127.0.0.1"
 PLOT = "aggregate_tps.png"
 PROMPT_ROOM = 64  # tokens kept for a prompt (they are 20 to 40 long)
+SHARED_WORD_TOKENS = 2  # tokens kept per word of --shared-prefix (its words take ~1.5 with these tokenizers)
 # `python -m mlx_lm server`, but with the BLAS our server uses: importing elm_mlx first loads OpenBLAS (or MKL) in
 # place of the MLX CPU wheel's reference BLAS, which alone made mlx_lm.server ~4x slower on the 270M shape here.
 MLX_LM_WITH_OUR_BLAS = [
@@ -125,7 +126,7 @@ def build_parser() -> ArgumentParser:
     )
     p.add_argument(
         "--shared-prefix",
-        type=int_at_least(0),
+        type=int_at_least(0, 100_000),
         default=0,
         metavar="WORDS",
         help="start the prompts of each burst with one preamble of WORDS words, new to the servers: a system prompt "
@@ -160,7 +161,15 @@ def resolve_model(args, workdir: Path, log) -> tuple:
 
 
 def _shape_summary(config: dict) -> dict:
-    keys = ("model_type", "vocab_size", "model_dim", "num_transformer_layers", "max_context_length", "quantization")
+    keys = (
+        "model_type",
+        "vocab_size",
+        "model_dim",
+        "num_transformer_layers",
+        "max_context_length",
+        "max_position_embeddings",
+        "quantization",
+    )
     return {k: config[k] for k in keys if k in config}
 
 
@@ -730,12 +739,17 @@ def main(argv=None) -> None:
     try:
         with atomic_directory(out, args.force) as staging:
             directory, name, model_info = resolve_model(args, workdir, log)
-            context = model_info.get("max_context_length")
-            room = PROMPT_ROOM + 3 * args.shared_prefix  # a word is at most ~3 tokens with these tokenizers
-            if isinstance(context, int) and max_tokens + room > context:
+            context = model_info.get("max_context_length", model_info.get("max_position_embeddings"))
+            preamble = SHARED_WORD_TOKENS * args.shared_prefix
+            if isinstance(context, int) and max_tokens + PROMPT_ROOM + preamble > context:
+                if args.shared_prefix and PROMPT_ROOM + preamble >= context:
+                    raise ElmError(
+                        f"--shared-prefix {args.shared_prefix} does not fit {name}'s context of {context} tokens "
+                        f"(at most {(context - PROMPT_ROOM - 2) // SHARED_WORD_TOKENS} words, fewer with --max-tokens)"
+                    )
                 raise ElmError(
                     f"--max-tokens {max_tokens} leaves no room for the prompts in {name}'s context of {context} tokens "
-                    f"(at most {context - room})"
+                    f"(at most {context - PROMPT_ROOM - preamble}{' with this --shared-prefix' if args.shared_prefix else ''})"
                 )
             from .__main__ import machine_info
 

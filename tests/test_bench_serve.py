@@ -173,6 +173,10 @@ def test_ctrl_c_stops_the_server_and_writes_nothing(tmp_path, env):
         (["--shape", "openelm-9B"], 1, "unknown model shape 'openelm-9B'"),
         (["--model", "x", "--shape", "openelm-tiny"], 2, "not allowed with argument"),
         (["--max-tokens", "500"], 1, "--max-tokens 500 leaves no room for the prompts"),
+        (["--shared-prefix", "-1"], 2, "argument --shared-prefix: must be in [0, 100000], got -1"),
+        (["--shared-prefix", "1000000"], 2, "argument --shared-prefix: must be in [0, 100000], got 1000000"),
+        (["--shared-prefix", "5000"], 1, "--shared-prefix 5000 does not fit OpenELM-Shakespeare's context of 512 tokens"),
+        (["--shared-prefix", "200", "--max-tokens", "200"], 1, "--max-tokens 200 leaves no room for the prompts"),
     ],
 )
 def test_bad_input_is_one_line(args, code, needle, env, tmp_path):
