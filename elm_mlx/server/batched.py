@@ -21,6 +21,7 @@ from .engine import Engine, Job, top_logprobs
 
 GATHER_SHARE = 0.25  # of a decode step's time: how long an idle worker waits for more arrivals after the first ...
 GATHER_LIMIT = 0.05  # ... but never more than this many seconds
+FIRST_STEP_GUESS = 0.04  # a decode step's time before one is measured: the first burst after start-up waits 10 ms
 
 
 class BatchedEngine(Engine):
@@ -41,7 +42,8 @@ class BatchedEngine(Engine):
         self.store = PromptStore(prompt_cache_bytes)
         self.max_batch, self.kv = max_batch, kv  # kv: keys and values quantized (bits), in the batch and in the store
         self.gather_limit = GATHER_LIMIT
-        self.step_seconds = 0.0  # a decode step's time, measured (a moving average); 0 until the first one
+        self.step_seconds = FIRST_STEP_GUESS  # a decode step's time: measured (a moving average) once there is one
+        self._measured = False
         self.batch = self._new_batch(model, tokenizer, prefill_step_size)
         self.running: Dict[int, Job] = {}  # BatchEngine id -> the job it serves
         self.outbox: List[Tuple[Job, Any]] = []  # a step's responses, handed over together
@@ -60,7 +62,8 @@ class BatchedEngine(Engine):
                 continue
             if self._a_decode_step(events):
                 took = time.monotonic() - started
-                self.step_seconds = took if not self.step_seconds else 0.8 * self.step_seconds + 0.2 * took
+                self.step_seconds = 0.8 * self.step_seconds + 0.2 * took if self._measured else took
+                self._measured = True
             for event in events:
                 self._deliver(event)
             self._hand_over()
