@@ -187,3 +187,29 @@ class CountingModel:
 
     def __getattr__(self, name):
         return getattr(self.model, name)
+
+
+class PeakActive:
+    """While in use, how many requests a batching server's engine held at once (`peak`): a test of concurrent
+    requests asserts it to show they really were batched."""
+
+    def __init__(self, engine):
+        import threading
+
+        self.engine, self.peak, self._done = engine, 0, threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self):
+        import time
+
+        while not self._done.is_set():
+            self.peak = max(self.peak, self.engine.batch.active)
+            time.sleep(0.001)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()

@@ -5,13 +5,12 @@ expected keys and values from a PromptCache with them, the expected bytes
 from the model's shapes; never from the batch engine itself.
 """
 
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import mlx.core as mx
 import pytest
 
+from conftest import PeakActive
 from elm_mlx import ElmError, SamplingParams, batch_generate, stream_generate
 from elm_mlx.batching import BatchEngine, Request
 from elm_mlx.cache import KVCache, KVOptions, PromptCache, PromptStore, QuantizedBatchKVCache, QuantizedKVCache
@@ -188,20 +187,9 @@ def test_a_batching_server_with_kv_bits_answers_as_the_one_at_a_time_server(demo
     try:
         prompts = SERVER_PROMPTS[:6]
         expected = [complete(serial, p, max_tokens=12 + 3 * i)[0] for i, p in enumerate(prompts)]
-        most, done = [0], threading.Event()
-
-        def watch():  # this test must really batch
-            while not done.is_set():
-                most[0] = max(most[0], engine.batch.active)
-                time.sleep(0.001)
-
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-        with ThreadPoolExecutor(6) as pool:
+        with PeakActive(engine) as watch, ThreadPoolExecutor(6) as pool:
             together = list(pool.map(lambda i: complete(batched, prompts[i], stream=i % 2 == 1, max_tokens=12 + 3 * i)[0], range(6)))
-        done.set()
-        watcher.join()
-        assert together == expected and most[0] >= 3, most
+        assert together == expected and watch.peak >= 3, watch.peak  # this test must really batch
         assert isinstance(engine.batch.cache[0], QuantizedBatchKVCache)
         preamble = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
         complete(batched, preamble + "ROMEO:", max_tokens=6)

@@ -13,6 +13,7 @@ import pytest
 
 uvicorn = pytest.importorskip("uvicorn")
 
+from conftest import PeakActive  # noqa: E402
 from elm_mlx.server import BatchedEngine, Engine, make_app  # noqa: E402
 
 PROMPTS = [
@@ -89,20 +90,9 @@ def health(url) -> dict:
 def test_eight_concurrent_requests_get_what_each_gets_alone(servers):
     serial, batched, engine = servers
     alone = [complete(serial, p, max_tokens=20 + 5 * i) for i, p in enumerate(PROMPTS)]
-    most, done = [0], threading.Event()
-
-    def watch():  # how many requests the batch held at once: this test must really batch
-        while not done.is_set():
-            most[0] = max(most[0], engine.batch.active)
-            time.sleep(0.001)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    with ThreadPoolExecutor(8) as pool:
+    with PeakActive(engine) as watch, ThreadPoolExecutor(8) as pool:
         together = list(pool.map(lambda ip: complete(batched, ip[1], stream=ip[0] % 2 == 1, max_tokens=20 + 5 * ip[0]), enumerate(PROMPTS)))
-    done.set()
-    watcher.join()
-    assert most[0] >= 4, most
+    assert watch.peak >= 4, watch.peak  # this test must really batch
     for (text, finish, _), (got, got_finish, _) in zip(alone, together):
         assert got == text and got_finish == finish
     assert len({t for t, _, _ in alone}) == len(PROMPTS)  # recognisably different answers, so a mix-up would show
