@@ -341,8 +341,7 @@ class BatchEngine:
         start = cache[0].size
         padding = [p + extra for p, extra in zip(cache[0].padding, pad)]
         for layer in cache:
-            layer.padding = list(padding)
-            layer._offset = None
+            layer.set_padding(padding)
         rows, columns = start + mx.arange(width)[:, None], mx.arange(start + width)[None, :]
         own = (columns[None] >= mx.array(padding)[:, None, None]) | (columns == rows)[None]
         self.model(mx.array(inputs, dtype=mx.uint32), cache=cache, mask=((columns <= rows)[None] & own)[:, None])

@@ -388,6 +388,12 @@ class BatchKVCache(_Stored):
         self._offset = None
         return self._read([p[..., : self.size, :] for p in self.parts])
 
+    def set_padding(self, padding: Sequence[int]) -> None:
+        """Declare each row's first `padding[b]` columns padding, e.g. to left-pad rows inside a pass that is
+        about to be appended (their positions then start where their tokens do)."""
+        self.padding = list(padding)
+        self._offset = None
+
     def mask(self) -> Optional[mx.array]:
         """(B, 1, 1, size + 1) booleans for a decode step's attention: each row sees its own columns only;
         None (attend to everything, as a sequence alone does) while no row has padding."""
