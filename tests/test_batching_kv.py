@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import mlx.core as mx
 import pytest
 
-from conftest import PeakActive
+from conftest import CountingModel, PeakActive
 from elm_mlx import ElmError, SamplingParams, batch_generate, stream_generate
 from elm_mlx.batching import BatchEngine, Request
 from elm_mlx.cache import KVCache, KVOptions, PromptCache, PromptStore, QuantizedBatchKVCache, QuantizedKVCache
@@ -201,3 +201,30 @@ def test_a_batching_server_with_kv_bits_answers_as_the_one_at_a_time_server(demo
     finally:
         stop_serial()
         stop_batched()
+
+
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_one_group_mixing_cut_stored_prefixes_short_rows_and_a_prompt_stored_whole(demo, bits):
+    # One pass must serve rows that start from part of their stored prefix, a row whose stored prefix is all
+    # recomputed, a left-padded new row; a prompt stored whole joins without it. Each row as stream_generate alone.
+    import random
+
+    model, tokenizer = demo
+    kv = KVOptions(bits=bits) if bits else None
+    rng = random.Random(0)
+    fresh = lambda n: [rng.randrange(3, model.args.vocab_size) for _ in range(n)]  # noqa: E731
+    shared = tokenizer.encode(PROMPTS[-1])[:30]
+    earlier = shared + fresh(5)  # stored first: 35 tokens
+    a = shared + fresh(11)  # prefills 40, 30 stored: 10 left
+    c = shared + fresh(13)  # prefills 42, 30 stored: 12 left -> the pass is 12 wide; a keeps 28, c 30
+    b = shared[:5] + fresh(8)  # prefills 12 = the width: its 5 stored tokens are recomputed (keeps 0)
+    d = fresh(5)  # prefills 4: left-padded by 8 inside the pass
+    prompts = [a, b, c, d, list(earlier)]  # the last is stored whole (its 34 tokens to prefill)
+    expected = [alone(model, tokenizer, p, max_tokens=10, sampling=GREEDY, kv=kv) for p in prompts]
+    store = PromptStore(1 << 30)
+    batch_generate(model, tokenizer, [earlier], max_tokens=2, sampling=GREEDY, prompt_cache=store, kv=kv)
+    counting = CountingModel(model)
+    results = batch_generate(counting, tokenizer, prompts, max_tokens=10, sampling=GREEDY, prompt_cache=store, kv=kv)
+    assert [r.tokens for r in results] == expected
+    assert [shape for shape in counting.inputs if shape[1] > 1] == [(4, 12)]
+    assert [r.cached_tokens for r in results] == [28, 0, 30, 0, 34]
