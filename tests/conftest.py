@@ -110,9 +110,9 @@ def _training_text(lines: int = 3000) -> list:
     ]
 
 
-@pytest.fixture(scope="session")
-def olmo(tmp_path_factory, tiny_sp_model):
-    """A tiny OLMo (random weights) with the tiny SentencePiece tokenizer; a test module may define its own."""
+def tiny_olmo(directory: Path, sp_model: bytes, seed: int = 3, **config):
+    """A tiny OLMo (random weights, `seed`) with a SentencePiece tokenizer, written to `directory` and loaded;
+    `config` overrides the shape below."""
     from elm_mlx.load import load
 
     config = {
@@ -126,9 +126,31 @@ def olmo(tmp_path_factory, tiny_sp_model):
         "max_position_embeddings": 512,
         "tie_word_embeddings": True,
         "eos_token_id": 2,
+        **config,
     }
-    path = write_model_dir(tmp_path_factory.mktemp("olmo") / "olmo-tiny", config, random_weights(config, seed=3), tiny_sp_model)
+    path = write_model_dir(directory / "olmo-tiny", config, random_weights(config, seed=seed), sp_model)
     return load(str(path), verbose=False)
+
+
+@pytest.fixture(scope="session")
+def olmo(tmp_path_factory, tiny_sp_model):
+    """A tiny OLMo (random weights) with the tiny SentencePiece tokenizer; a test module may define its own."""
+    return tiny_olmo(tmp_path_factory.mktemp("olmo"), tiny_sp_model)
+
+
+def private_cache_env(tmp_path_factory):
+    """For a module fixture to `yield from`: a private conversion cache (ELM_MLX_CACHE) for the module's in-process
+    loads while it runs, and the environment its subprocesses need (that cache, no hub, this checkout first)."""
+    cache = tmp_path_factory.mktemp("cache")
+    saved = os.environ.get("ELM_MLX_CACHE")
+    os.environ["ELM_MLX_CACHE"] = str(cache)
+    repo = Path(__file__).resolve().parents[1]
+    path = os.pathsep.join([str(repo)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+    yield {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": path}
+    if saved is None:
+        os.environ.pop("ELM_MLX_CACHE", None)
+    else:
+        os.environ["ELM_MLX_CACHE"] = saved
 
 
 @pytest.fixture(scope="session")

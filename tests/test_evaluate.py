@@ -3,7 +3,6 @@ mlx-lm's OpenELM on the same windows, quantized variants compared, and bad input
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models import openelm as mlx_lm_openelm
 
-from conftest import random_weights, tiny_config
+from conftest import private_cache_env, random_weights, tiny_config
 from elm_mlx.demo import DEMO_DIR
 from elm_mlx.errors import ElmError
 from elm_mlx.evaluate.compare import parse_variants
@@ -28,15 +27,7 @@ TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?\nIt is the ea
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """A private conversion cache shared by the module's subprocesses and the in-process loads; no hub."""
-    cache = tmp_path_factory.mktemp("cache")
-    saved = os.environ.get("ELM_MLX_CACHE")
-    os.environ["ELM_MLX_CACHE"] = str(cache)
-    path = os.pathsep.join([str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
-    yield {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": path}
-    if saved is None:
-        os.environ.pop("ELM_MLX_CACHE", None)
-    else:
-        os.environ["ELM_MLX_CACHE"] = saved
+    yield from private_cache_env(tmp_path_factory)
 
 
 def evaluate(*args, env, cwd=None):

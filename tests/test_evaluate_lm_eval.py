@@ -4,7 +4,6 @@ on the same task and weights, lm_eval's command line against `elm-mlx evaluate t
 
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 from mlx.utils import tree_flatten
 from test_evaluate import TEXT, Request, nlls_given, write_choice_task
 
+from conftest import private_cache_env
 from elm_mlx.demo import DEMO_DIR
 from elm_mlx.errors import ElmError
 from elm_mlx.load import load, mlx_model_dir
@@ -40,15 +40,7 @@ STOP = ","
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """A private conversion cache for this module's loads and subprocesses; no hub."""
-    cache = tmp_path_factory.mktemp("cache")
-    saved = os.environ.get("ELM_MLX_CACHE")
-    os.environ["ELM_MLX_CACHE"] = str(cache)
-    path = os.pathsep.join([str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
-    yield {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": path}
-    if saved is None:
-        os.environ.pop("ELM_MLX_CACHE", None)
-    else:
-        os.environ["ELM_MLX_CACHE"] = saved
+    yield from private_cache_env(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,7 @@
 
 import json
 import re
-import socket
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -19,31 +17,16 @@ from conftest import random_weights, tiny_config, write_model_dir  # noqa: E402
 from elm_mlx.cache import PromptCache  # noqa: E402
 from elm_mlx.load import load  # noqa: E402
 from elm_mlx.server import Engine, make_app  # noqa: E402
+from live_server import live_server  # noqa: E402
 from terminal import Terminal  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
     model, tokenizer = load(str(tiny_model_dir))
     engine = Engine(model, tokenizer, "tiny")
-    port = free_port()
-    config = uvicorn.Config(make_app(engine, max_tokens_limit=2048), host="127.0.0.1", port=port, log_level="error")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield engine, f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
+    with live_server(make_app(engine, max_tokens_limit=2048)) as port:
+        yield engine, f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture()

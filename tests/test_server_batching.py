@@ -1,5 +1,6 @@
 """The server with continuous batching: concurrent requests decode together and each gets exactly what it gets alone."""
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -15,6 +16,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from conftest import PeakActive  # noqa: E402
 from elm_mlx.server import BatchedEngine, Engine, make_app  # noqa: E402
+from live_server import free_port, live_server  # noqa: E402
 
 PROMPTS = [
     "ROMEO:",
@@ -28,28 +30,11 @@ PROMPTS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serve(engine):
     """The app on a real socket in a thread; returns (base url, stop)."""
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(make_app(engine, max_tokens_limit=512), host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.02)
-
-    def stop():
-        srv.should_exit = True
-        thread.join(10)
-
-    return f"http://127.0.0.1:{port}", stop
+    stack = contextlib.ExitStack()
+    port = stack.enter_context(live_server(make_app(engine, max_tokens_limit=512)))
+    return f"http://127.0.0.1:{port}", stack.close
 
 
 @pytest.fixture(scope="module")

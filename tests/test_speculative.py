@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
-from conftest import random_weights, write_model_dir
+from conftest import tiny_olmo
 from elm_mlx.cache import KVOptions, PromptCache
 from elm_mlx.errors import ElmError
 from elm_mlx.generation import stream_generate
-from elm_mlx.load import load
 from elm_mlx.sample import SamplingParams
 from elm_mlx.speculative import LookupProposer, PromptLookup, check_draft, draft_prompt_cache, verify
 
@@ -22,21 +21,10 @@ PENALISED = SamplingParams(temp=0, repetition_penalty=1.3, repetition_context_si
 
 @pytest.fixture(scope="module")
 def olmo(tmp_path_factory, tiny_sp_model):
-    """A tiny OLMo sharing the tiny OpenELM's tokenizer, so either can draft for the other."""
-    config = {
-        "model_type": "olmo",
-        "vocab_size": 384,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 1024,
-        "tie_word_embeddings": True,
-        "eos_token_id": 2,
-    }
-    path = write_model_dir(tmp_path_factory.mktemp("olmo") / "olmo-tiny", config, random_weights(config, seed=5), tiny_sp_model)
-    return load(str(path), verbose=False)
+    """A tiny OLMo sharing the tiny OpenELM's tokenizer, so either can draft for the other (a longer context than
+    conftest's, for long speculative runs)."""
+    shape = dict(intermediate_size=128, num_hidden_layers=2, max_position_embeddings=1024)
+    return tiny_olmo(tmp_path_factory.mktemp("olmo"), tiny_sp_model, seed=5, **shape)
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,6 @@ import json
 import re
 import subprocess
 import sys
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import mlx.core as mx
@@ -434,24 +432,15 @@ def test_cli_bad_constraint_is_one_line(capsys, args, message):
 
 @pytest.fixture(scope="module", params=["batched", "serial"])
 def server(request, demo):
-    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("uvicorn")
     from elm_mlx.server import Engine, make_app
     from elm_mlx.server.batched import BatchedEngine
+    from live_server import live_server
 
     model, tokenizer = demo
     engine = BatchedEngine(model, tokenizer, "demo", max_batch=8) if request.param == "batched" else Engine(model, tokenizer, "demo")
-    config = uvicorn.Config(make_app(engine), host="127.0.0.1", port=0, log_level="error")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    port = srv.servers[0].sockets[0].getsockname()[1]
-    yield request.param, f"http://127.0.0.1:{port}/v1"
-    srv.should_exit = True
-    thread.join(10)
+    with live_server(make_app(engine)) as port:
+        yield request.param, f"http://127.0.0.1:{port}/v1"
 
 
 @pytest.fixture()
