@@ -22,7 +22,7 @@ from mlx.utils import tree_flatten
 import elm_mlx
 from elm_mlx import cli
 from elm_mlx._blas import slow_blas_notice
-from elm_mlx.cli import ArgumentParser, check_output_path, int_at_least, positive_int, run_cli
+from elm_mlx.cli import ArgumentParser, int_at_least, positive_int, run_cli
 from elm_mlx.errors import ElmError
 from elm_mlx.files import atomic_directory
 from elm_mlx.generation import generate_step
@@ -30,6 +30,7 @@ from elm_mlx.load import DTYPES, build_model, load_config, load_model, quantize_
 from elm_mlx.quantize import quantize_model
 from elm_mlx.sample import SamplingParams, make_sampler
 
+from . import output_dir
 from .ablation import use_naive_norms
 from .measure import bytes_read_per_token, measure_bandwidth, measure_case
 from .report import ratio_table, table, write_outputs
@@ -179,10 +180,7 @@ def main(argv=None) -> None:
         cases.append((model_dir.name if Path(path).exists() else path, load_config(model_dir), model_dir))
     for name, config, _ in cases:
         check_fits_context(name, config, max(prompt_lengths) + gen_tokens)
-    out = args.out or Path("bench-results") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    if out.exists() and not args.force:
-        raise ElmError(f"{out} already exists; pass --force to replace it")
-    check_output_path(out, "--out")  # before minutes of measuring
+    out = output_dir(args.out, "", args.force)  # before minutes of measuring
     notice = slow_blas_notice()
     if notice:  # the figures below would be those of a slow BLAS (results.json and results.md name it too)
         print(notice, file=sys.stderr)

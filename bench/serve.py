@@ -29,13 +29,14 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import List, Optional
 
-from elm_mlx.cli import ArgumentParser, check_output_path, int_at_least, one_line
+from elm_mlx.cli import ArgumentParser, int_at_least, one_line
 from elm_mlx.errors import ElmError
 from elm_mlx.files import atomic_directory
+
+from . import output_dir
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA_TOKENIZER = REPO.parent / "shared" / "assets" / "llama2-tokenizer.model"
@@ -725,10 +726,7 @@ def main(argv=None) -> None:
             check_port(port)
     else:
         ports = None
-    out = args.out or Path("bench-results") / f"serve-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    if out.exists() and not args.force:
-        raise ElmError(f"{out} already exists; pass --force to replace it")
-    check_output_path(out, "--out")
+    out = output_dir(args.out, "serve", args.force)
 
     def log(text: str) -> None:
         print(text, file=sys.stderr, flush=True)

@@ -25,7 +25,6 @@ import json
 import statistics
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -35,13 +34,14 @@ import elm_mlx  # noqa: F401, I001  (before mlx: it loads OpenBLAS in place of t
 import mlx.core as mx
 
 from elm_mlx.cache import make_cache
-from elm_mlx.cli import ArgumentParser, check_output_path, int_at_least
+from elm_mlx.cli import ArgumentParser, int_at_least
 from elm_mlx.compiled import CompiledStep, StaticCache, generate_greedy
 from elm_mlx.errors import ElmError
 from elm_mlx.files import atomic_directory
 from elm_mlx.generation import stream_generate
 from elm_mlx.sample import SamplingParams
 
+from . import output_dir
 from .measure import spread
 from .serve import _load, _render
 
@@ -536,10 +536,7 @@ def main(argv=None) -> None:
         if find_spec("mlx_lm") is None:
             print("mlx-lm is not installed: its rows are skipped", file=sys.stderr)
             with_peer = False
-    out = args.out or Path("bench-results") / f"speculative-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    if out.exists() and not args.force:
-        raise ElmError(f"{out} already exists; pass --force to replace it")
-    check_output_path(out, "--out")
+    out = output_dir(args.out, "speculative", args.force)
     if args.draft is not None and not args.draft.is_dir():
         raise ElmError(f"--draft {args.draft} is not a model directory")
 

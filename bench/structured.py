@@ -18,13 +18,13 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import List, Optional
 
-from elm_mlx.cli import ArgumentParser, check_output_path, int_at_least
-from elm_mlx.errors import ElmError
+from elm_mlx.cli import ArgumentParser, int_at_least
 from elm_mlx.files import atomic_directory
+
+from . import output_dir
 
 MODELS = ("demo", "openelm-270M")
 QUICK_MODELS = ("demo",)
@@ -233,10 +233,7 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     models = args.models or (QUICK_MODELS if args.quick else MODELS)
     trials = args.trials or (1 if args.quick else 5)
-    out = args.out or Path("bench-results") / f"structured-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    if out.exists() and not args.force:
-        raise ElmError(f"{out} already exists; pass --force to replace it")
-    check_output_path(out, "--out")
+    out = output_dir(args.out, "structured", args.force)
 
     def log(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
